@@ -1,0 +1,1 @@
+"""The launcher: environment + recipe + GPU inventory -> a plan -> the right launch."""

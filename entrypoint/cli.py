@@ -1,0 +1,177 @@
+"""The command line: run, plan, list, show, validate.
+
+    python -m entrypoint run RECIPE [key=value ...]     # also: python -m entrypoint RECIPE ...
+    python -m entrypoint plan RECIPE [--json] [--assume-gpus 4x80] [key=value ...]
+    python -m entrypoint list
+    python -m entrypoint show RECIPE [key=value ...]
+    python -m entrypoint validate FILE|RECIPE [key=value ...]
+
+RECIPE is a bundled name or a path to a YAML file; the RECIPE variable serves when the
+command line names none. Any bad input ends with one `error:` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from entrypoint import environment, gpus, launch
+from entrypoint.plan import Plan, make
+from recipes import catalog
+from recipes.errors import EXIT_BAD_INPUT, BadInput
+
+COMMANDS = ("run", "plan", "list", "show", "validate")
+
+ENV_HELP = """environment:
+  PARALLELISM    auto (default) | single | ddp | model (balanced, model-parallel, mp)
+  NUM_GPUS       a positive integer, or all (default: every visible GPU)
+  CPU_PROCESSES  train on the CPU with N processes (gloo), for tiny recipes and tests
+  ALLOW_CPU      1: let a GPU recipe train on the CPU when no GPU is visible
+  RECIPE         the recipe when the command line names none
+  OUTPUTS_DIR    folder for run outputs, one sub-folder per recipe (default: outputs)
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: same contract, exit 2
+        self.print_usage(sys.stderr)
+        raise BadInput(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="entrypoint",
+        description="Launch Unsloth fine-tuning recipes on one or several GPUs, chosen from the environment.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+
+    def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(
+            name, help=help_text, epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        cmd.add_argument("recipe", nargs="?", help="bundled recipe name or path to a YAML file (default: $RECIPE)")
+        cmd.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
+        return cmd
+
+    for name, help_text in (("run", "plan and launch a recipe"), ("plan", "print the launch plan; start nothing")):
+        cmd = recipe_command(name, help_text)
+        cmd.add_argument(
+            "--assume-gpus", metavar="N[xGIB]", help="plan for N GPUs (of GIB each) instead of this host's"
+        )
+        if name == "plan":
+            cmd.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    sub.add_parser("list", help="list the bundled recipes")
+    recipe_command("show", "print a recipe as resolved (defaults and overrides applied)")
+    recipe_command("validate", "check a recipe and its local data; print the resolved recipe")
+    return parser
+
+
+def split_args(argv: list[str]) -> list[str]:
+    """`entrypoint RECIPE ...` means `entrypoint run RECIPE ...`."""
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        return ["run", *argv]
+    return argv
+
+
+def recipe_name(args: argparse.Namespace, request: environment.Request) -> str:
+    name = args.recipe or request.recipe
+    if not name:
+        known = ", ".join(catalog.bundled())
+        raise BadInput(f"no recipe given; name one (bundled: {known}) or set RECIPE")
+    # A positional that looks like key=value is an override, with the recipe from $RECIPE.
+    if "=" in name and request.recipe:
+        args.overrides.insert(0, name)
+        return request.recipe
+    return name
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    environ = dict(os.environ)
+    request = environment.read(environ)
+    loaded = catalog.load(recipe_name(args, request), args.overrides)
+    inventory = gpus.assumed(args.assume_gpus) if args.assume_gpus else gpus.discover(environ)
+    return make(request, loaded, inventory, environ, os.getcwd())
+
+
+def print_plan(plan: Plan) -> None:
+    print(f"recipe      {plan.recipe} ({plan.recipe_file})")
+    print(f"mode        {plan.mode}: {plan.reason}")
+    where = f"GPUs {','.join(plan.gpu_ids)}" if plan.gpu_ids else "CPU"
+    print(f"processes   {plan.num_processes} on {where}; device_map {json.dumps(plan.device_map)}")
+    print(f"precision   {plan.mixed_precision}")
+    mem = plan.memory
+    if mem["params_b"] is not None:
+        print(
+            f"memory      ~{mem['total_gib']} GiB per model copy ({mem['params_b']}B parameters from "
+            f"{mem['source']}: weights {mem['weights_gib']}, trainable {mem['trainable_gib']}, "
+            f"activations {mem['activations_gib']})"
+        )
+    print(f"output      {plan.output_dir}")
+    for warning in plan.warnings:
+        print(f"warning     {warning}")
+    print("env         " + " ".join(f"{k}={v}" for k, v in plan.env.items()))
+    print("command     " + " ".join(plan.command))
+    if plan.accelerate_config is not None:
+        print("accelerate config:")
+        for key, value in plan.accelerate_config.items():
+            print(f"  {key}: {json.dumps(value)}")
+
+
+def list_recipes() -> None:
+    rows = []
+    for name, path in catalog.bundled().items():
+        recipe = catalog.load(str(path)).recipe
+        rows.append(
+            (
+                name,
+                recipe.model.name,
+                recipe.training.method,
+                recipe.description.strip().splitlines()[0] if recipe.description.strip() else "",
+            )
+        )
+    width = max(len(r[0]) for r in rows)
+    model_width = max(len(r[1]) for r in rows)
+    for name, model, method, description in rows:
+        print(f"{name:<{width}}  {method:<4}  {model:<{model_width}}  {description}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started_at = time.time()
+    argv = split_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            print("\nbundled recipes:")
+            list_recipes()
+            return 0
+        if args.command == "list":
+            list_recipes()
+            return 0
+        if args.command in ("show", "validate"):
+            request = environment.read(os.environ)
+            loaded = catalog.load(recipe_name(args, request), args.overrides)
+            if args.command == "validate":
+                print(f"# {loaded.path}: valid", file=sys.stderr)
+            print(catalog.to_yaml(loaded.recipe), end="")
+            return 0
+        plan = build_plan(args)
+        if args.command == "plan":
+            if args.json:
+                print(json.dumps(plan.as_json(), indent=2))
+            else:
+                print_plan(plan)
+            return 0
+        print_plan(plan)
+        sys.stdout.flush()
+        return launch.execute(plan, started_at)
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT

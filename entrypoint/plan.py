@@ -1,0 +1,283 @@
+"""Environment + recipe + GPU inventory -> a Plan. Pure data: nothing is written or started.
+
+The plan holds everything the act step needs: the mode and why, the processes, the
+generated accelerate config, the exact command, the variables added for the child, and the
+files to write (the resolved recipe, the accelerate config, the plan itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from entrypoint import memory
+from entrypoint.environment import Mode, Request
+from entrypoint.gpus import Gpu
+from recipes.catalog import LoadedRecipe, to_yaml
+from recipes.errors import BadInput
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_MODULE = "recipes.train"
+
+# GPUs without bfloat16 (before Ampere): mixed precision falls back to fp16 there.
+NO_BF16_MARKERS = ("T4", "V100", "P100", "P40", "K80", "M60", "RTX 20", "GTX", "Quadro RTX", "TITAN V")
+
+TRAP_EXPLAINED = (
+    "model parallel (device_map='balanced') splits ONE model over the GPUs of ONE process; "
+    "under a multi-process launch each rank would load its own split copy and training fails "
+    "with \"You can't train a model that has been loaded with device_map='auto' in any distributed mode\""
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: str
+    recipe_file: str
+    mode: Mode
+    reason: str
+    device: str  # "cuda" or "cpu"
+    num_processes: int  # in total, over all machines
+    num_machines: int
+    machine_rank: int
+    gpu_ids: list[str]
+    mixed_precision: str
+    device_map: Any  # what each process passes to from_pretrained
+    output_dir: str
+    accelerate_config: dict[str, Any] | None
+    command: list[str]
+    env: dict[str, str]
+    memory: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # path -> text, written by the act step
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["files"] = sorted(self.files)
+        return data
+
+
+def mixed_precision(recipe_dtype: str, gpus: list[Gpu]) -> str:
+    if not gpus or recipe_dtype == "float32":
+        return "no"
+    if recipe_dtype == "float16":
+        return "fp16"
+    if recipe_dtype == "bfloat16":
+        return "bf16"
+    old = any(marker in gpu.name for gpu in gpus for marker in NO_BF16_MARKERS)
+    return "fp16" if old else "bf16"
+
+
+def _cpu_allowed(loaded: LoadedRecipe, request: Request) -> bool:
+    return loaded.recipe.allow_cpu or request.allow_cpu
+
+
+def choose(
+    request: Request, loaded: LoadedRecipe, gpus: list[Gpu], est: memory.Estimate
+) -> tuple[Mode, list[Gpu], int, str]:
+    """-> (mode, chosen GPUs, processes, reason). BadInput for every impossible request."""
+    name = loaded.name
+    if request.inside_launcher:
+        if request.parallelism == "model":
+            raise BadInput(
+                f"PARALLELISM=model refused: {request.inside_launcher} is set, so this is already one "
+                f"process of a multi-process launch (torchrun / accelerate launch), and {TRAP_EXPLAINED}. "
+                f"Run the image as a plain command with PARALLELISM=model (one process), or use "
+                f"PARALLELISM=ddp for data parallel"
+            )
+        raise BadInput(
+            f"the launcher is running inside another launcher ({request.inside_launcher} is set); it "
+            f"starts the training processes itself: run it as a plain command with PARALLELISM and "
+            f"NUM_GPUS instead of under torchrun / accelerate launch"
+        )
+
+    if request.cpu_processes is not None:
+        if request.parallelism == "model":
+            raise BadInput(
+                "PARALLELISM=model splits a model over GPUs and cannot run on the CPU; unset "
+                "CPU_PROCESSES, or use PARALLELISM=ddp with CPU_PROCESSES"
+            )
+        if not _cpu_allowed(loaded, request):
+            raise BadInput(
+                f"CPU_PROCESSES is set but recipe {name} is meant for a GPU; set ALLOW_CPU=1 "
+                f"to train it on the CPU anyway"
+            )
+        n = request.cpu_processes
+        if request.parallelism == "single" and n > 1:
+            raise BadInput(f"PARALLELISM=single runs one process but CPU_PROCESSES={n}; use PARALLELISM=ddp")
+        mode: Mode = "ddp" if n > 1 else "single"
+        return mode, [], n, f"CPU_PROCESSES={n}: {n} CPU process(es), gloo"
+
+    if not gpus:
+        if request.num_gpus is not None or request.parallelism in ("ddp", "model"):
+            asked = (
+                f"NUM_GPUS={request.num_gpus}" if request.num_gpus is not None else f"PARALLELISM={request.parallelism}"
+            )
+            raise BadInput(
+                f"{asked} needs GPUs but none is visible: did the container get --gpus all "
+                f"(docker) or a nvidia.com/gpu limit (Kubernetes)? To try data parallel on the CPU, "
+                f"set CPU_PROCESSES=2 instead"
+            )
+        if not _cpu_allowed(loaded, request):
+            raise BadInput(
+                f"no GPU is visible and recipe {name} is meant for a GPU: did the container get "
+                f"--gpus all? Set ALLOW_CPU=1 to train on the CPU anyway (only tiny models make sense)"
+            )
+        return "single", [], 1, "no GPU visible; the recipe allows the CPU"
+
+    wanted = request.num_gpus if request.num_gpus is not None else len(gpus)
+    if wanted > len(gpus):
+        ids = ",".join(g.id for g in gpus)
+        raise BadInput(
+            f"NUM_GPUS={wanted} but only {len(gpus)} GPU(s) are visible ({ids}); lower NUM_GPUS "
+            f"or expose more GPUs (--gpus all, CUDA_VISIBLE_DEVICES)"
+        )
+    chosen = gpus[:wanted]
+    one = chosen[0].memory_gib
+    size = f"~{est.total_gib} GiB" if est.params_b is not None else "an unknown size"
+
+    if request.parallelism == "single":
+        if request.num_gpus is not None and wanted > 1:
+            raise BadInput(
+                f"PARALLELISM=single uses one GPU but NUM_GPUS={wanted}; use PARALLELISM=ddp "
+                f"(data parallel) or PARALLELISM=model (split the model), or NUM_GPUS=1"
+            )
+        return "single", chosen[:1], 1, "PARALLELISM=single"
+    if request.parallelism == "ddp":
+        if wanted == 1:
+            return "single", chosen, 1, "PARALLELISM=ddp with one GPU is a single-process run"
+        return "ddp", chosen, wanted, f"PARALLELISM=ddp over {wanted} GPUs"
+    if request.parallelism == "model":
+        return "model", chosen, 1, f"PARALLELISM=model: one process, the model split over {wanted} GPU(s)"
+
+    # auto
+    if memory.fits(est.total_gib, one):
+        if wanted == 1:
+            return "single", chosen, 1, f"auto: the model ({size}) fits one GPU and one GPU is in use"
+        return "ddp", chosen, wanted, f"auto: the model ({size}) fits one GPU, so data parallel over {wanted}"
+    total_memory = sum(g.memory_gib or 0 for g in chosen)
+    if not memory.fits(est.total_gib, total_memory):
+        raise BadInput(
+            f"recipe {name} needs {size} but the {wanted} GPU(s) in use have {total_memory:g} GiB "
+            f"together; use a 4-bit load (model.load_in=4bit), a shorter model.max_seq_length or "
+            f"batch, more GPUs, or set PARALLELISM explicitly to try anyway"
+        )
+    return (
+        "model",
+        chosen,
+        1,
+        (f"auto: the model ({size}) does not fit one {one:g} GiB GPU, so one process splits it over {wanted}"),
+    )
+
+
+def device_map_for(mode: Mode, device: str) -> Any:
+    if device == "cpu":
+        return "cpu"
+    return {"single": {"": 0}, "ddp": {"": "LOCAL_RANK"}, "model": "balanced"}[mode]
+
+
+def accelerate_config(num_processes: int, gpus: list[Gpu], precision: str) -> dict[str, Any]:
+    """A single-machine DDP config that accelerate's own loader accepts."""
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU",
+        "num_machines": 1,
+        "machine_rank": 0,
+        "num_processes": num_processes,
+        # accelerate turns gpu_ids into CUDA_VISIBLE_DEVICES for the children, so these are the
+        # ids as the parent sees them (indices or UUIDs), not renumbered ones.
+        "gpu_ids": ",".join(g.id for g in gpus) if gpus else "all",
+        "mixed_precision": precision,
+        "main_process_port": 0,  # 0: accelerate picks a free port at launch
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
+        "main_training_function": "main",
+        "debug": False,
+    }
+
+
+def child_env(mode: Mode, gpus: list[Gpu], environ: dict[str, str]) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    if not gpus:
+        # Explicit CPU run: keep Unsloth (and torch) off any GPU the host might have.
+        env.update({"CUDA_VISIBLE_DEVICES": "", "UNSLOTH_FORCE_CPU": "1"})
+        return env
+    # nvidia-smi numbers GPUs in PCI order; make CUDA agree, so the ids mean the same GPUs.
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    if mode != "ddp":  # under ddp, accelerate sets CUDA_VISIBLE_DEVICES from gpu_ids
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(g.id for g in gpus)
+    return env
+
+
+def output_dir_for(loaded: LoadedRecipe, request: Request, cwd: str) -> Path:
+    configured = loaded.recipe.output.dir
+    path = Path(configured) if configured else Path(request.outputs_dir) / loaded.name
+    return path if path.is_absolute() else Path(cwd) / path
+
+
+def make(
+    request: Request,
+    loaded: LoadedRecipe,
+    gpus: list[Gpu],
+    environ: dict[str, str],
+    cwd: str,
+    python: str = sys.executable,
+) -> Plan:
+    est = memory.estimate(loaded.recipe)
+    mode, chosen, processes, reason = choose(request, loaded, gpus, est)
+    device = "cuda" if chosen else "cpu"
+    precision = mixed_precision(loaded.recipe.model.dtype, chosen)
+    out = output_dir_for(loaded, request, cwd)
+    launch_dir = out / "launch"
+    recipe_file = launch_dir / "recipe.yaml"
+    resolved = loaded.recipe.model_copy(update={"output": loaded.recipe.output.model_copy(update={"dir": str(out)})})
+
+    program = ["-m", TRAIN_MODULE, "--recipe", str(recipe_file), "--mode", mode, "--mixed-precision", precision]
+    files = {str(recipe_file): f"# resolved from {loaded.path} {' '.join(loaded.overrides)}\n" + to_yaml(resolved)}
+    config = None
+    if mode == "ddp":
+        config = accelerate_config(processes, chosen, precision)
+        config_file = launch_dir / "accelerate_config.yaml"
+        files[str(config_file)] = yaml.safe_dump(config, sort_keys=False)
+        command = [python, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *program]
+    else:
+        command = [python, *program]
+
+    warnings = []
+    if est.params_b is None:
+        warnings.append(f"model size unknown ({est.source}); the mode was chosen without a memory estimate")
+    elif mode in ("single", "ddp") and chosen and not memory.fits(est.total_gib, chosen[0].memory_gib):
+        warnings.append(
+            f"the model needs ~{est.total_gib} GiB per process but a GPU has {chosen[0].memory_gib:g} GiB; "
+            f"expect out-of-memory (PARALLELISM=model splits it)"
+        )
+
+    plan = Plan(
+        recipe=loaded.name,
+        recipe_file=str(loaded.path),
+        mode=mode,
+        reason=reason,
+        device=device,
+        num_processes=processes,
+        num_machines=1,
+        machine_rank=0,
+        gpu_ids=[g.id for g in chosen],
+        mixed_precision=precision,
+        device_map=device_map_for(mode, device),
+        output_dir=str(out),
+        accelerate_config=config,
+        command=command,
+        env=child_env(mode, chosen, environ),
+        memory=est.as_dict(),
+        warnings=warnings,
+        files=files,
+    )
+    files[str(launch_dir / "plan.json")] = json.dumps(plan.as_json(), indent=2) + "\n"
+    return plan

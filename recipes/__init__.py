@@ -1,0 +1,1 @@
+"""The recipe collection: YAML files, their schema, and the per-process training program."""

@@ -1,0 +1,183 @@
+"""Find, read, override and validate recipes. Pure Python + pydantic + PyYAML: no torch.
+
+A recipe is named either by a bundled name (`smoke`, the file stem of a YAML file in this
+folder) or by a path to the user's own YAML file. Overrides are `dotted.key=value` words;
+the value is read as YAML (so `8`, `true`, `null`, `[q_proj, v_proj]` have their types) and
+the result is validated by the schema like the file itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from recipes import formats
+from recipes.errors import BadInput, closest, format_validation_error
+from recipes.schema import Recipe
+
+RECIPES_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    recipe: Recipe  # validated; name filled in; local paths made absolute
+    path: Path  # the YAML file it came from
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        assert self.recipe.name is not None
+        return self.recipe.name
+
+
+def bundled() -> dict[str, Path]:
+    """Bundled recipe names -> files, sorted by name."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def locate(name_or_path: str) -> Path:
+    """A bundled name or a path to a YAML file -> the file; BadInput naming the choices otherwise."""
+    known = bundled()
+    if name_or_path in known:
+        return known[name_or_path]
+    path = Path(name_or_path).expanduser()
+    looks_like_path = path.suffix in (".yaml", ".yml") or os.sep in name_or_path
+    if path.is_file():
+        return path
+    names = ", ".join(known)
+    if looks_like_path:
+        raise BadInput(
+            f"recipe file {name_or_path!r} does not exist; check the path (inside a container, "
+            f"mount it with -v) or use a bundled recipe: {names}"
+        )
+    raise BadInput(
+        f"unknown recipe {name_or_path!r}{closest(name_or_path, known)}; bundled recipes: "
+        f"{names}; or give the path to your own YAML file"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read recipe file {str(path)!r}: {exc}; check the path and its permissions") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise BadInput(f"recipe file {str(path)!r} is not valid YAML{where}: {problem}; fix the syntax there") from None
+    if not isinstance(data, dict):
+        raise BadInput(
+            f"recipe file {str(path)!r} must be a YAML mapping with model:, data:, ... "
+            f"but holds {type(data).__name__}; see recipes/smoke.yaml for the shape"
+        )
+    return data
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside `X`, `X | None`, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def schema_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, list[str]]:
+    """Each dotted section ('' = top level) -> the keys valid in it."""
+    sections = {prefix: list(model.model_fields)}
+    for name, field in model.model_fields.items():
+        sub = _section_model(field.annotation)
+        if sub is not None:
+            sections.update(schema_keys(sub, f"{prefix}.{name}" if prefix else name))
+    return sections
+
+
+def all_dotted_keys() -> list[str]:
+    return [f"{section}.{key}" if section else key for section, keys in schema_keys().items() for key in keys]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of raw with each `dotted.key=value` applied; BadInput on a bad override."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    sections = schema_keys()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise BadInput(f"override {item!r} is not key=value; write it like training.max_steps=100")
+        section, _, leaf = key.rpartition(".")
+        if section not in sections or leaf not in sections[section]:
+            raise BadInput(
+                f"unknown override key {key!r}{closest(key, all_dotted_keys())}; "
+                f"'validate RECIPE' lists the resolved recipe with every key"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise BadInput(f"override {item!r}: the value {text!r} is not valid YAML; quote it") from None
+        node = result
+        for part in section.split(".") if section else []:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[leaf] = value
+    return result
+
+
+def _absolute_if_local(value: str, base: Path) -> str:
+    """A relative path that exists next to the recipe (or in the working directory) -> absolute."""
+    candidate = Path(value).expanduser()
+    for path in (candidate, base / candidate) if not candidate.is_absolute() else (candidate,):
+        if path.exists():
+            return str(path.resolve())
+    return value
+
+
+def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+    path = locate(name_or_path)
+    raw = apply_overrides(read_yaml(path), overrides)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise BadInput(format_validation_error(exc, str(path), schema_keys())) from None
+    base = path.resolve().parent
+    updates: dict[str, Any] = {}
+    if recipe.name is None:
+        updates["name"] = path.stem
+    source = _absolute_if_local(recipe.data.source, base)
+    if formats.looks_local(source) and not Path(source).exists():
+        raise BadInput(
+            f"data.source {recipe.data.source!r} does not exist (looked next to {str(path)!r} and in "
+            f"{os.getcwd()!r}); fix the path, mount the file, or name a hub dataset like org/name"
+        )
+    model_name = recipe.model.name if recipe.model.random_init else _absolute_if_local(recipe.model.name, base)
+    recipe = recipe.model_copy(
+        update={
+            **updates,
+            "data": recipe.data.model_copy(update={"source": source}),
+            "model": recipe.model.model_copy(update={"name": model_name}),
+        }
+    )
+    if Path(source).exists():
+        formats.check_local_file(Path(source), recipe.data.format, field="data.source")
+    return LoadedRecipe(recipe=recipe, path=path, overrides=tuple(overrides))
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

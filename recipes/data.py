@@ -1,0 +1,84 @@
+"""Load a recipe's data and shape its rows for the training method (TRL's dataset forms).
+
+  text        -> {"text"}                         sft, cpt: plain language modelling
+  messages    -> {"messages"}                     sft: the chat template renders whole chats
+                 {"prompt", "completion"}         ... with train_on_responses_only: loss on the last reply
+  instruction -> {"prompt", "completion"}         sft: alpaca rows as a user turn and its answer
+  preference  -> {"prompt", "chosen", "rejected"} dpo
+Every row is checked with formats.check_row, so a bad row is named before training starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from recipes import formats
+from recipes.schema import DataConfig
+
+
+def load_rows(data: DataConfig):
+    """-> a datasets.Dataset of the raw rows (local file/folder or hub id)."""
+    import datasets
+
+    source = data.source
+    if Path(source).exists():
+        files = [str(p) for p in formats.data_files(Path(source))]
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[Path(files[0]).suffix.lower()]
+        dataset = datasets.load_dataset(kind, data_files=files, split="train")
+    else:
+        dataset = datasets.load_dataset(source, split=data.split)
+    if data.max_samples is not None:
+        dataset = dataset.select(range(min(data.max_samples, len(dataset))))
+    return dataset
+
+
+def _user_turn(row: dict[str, Any]) -> str:
+    extra = row.get("input") or ""
+    return f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
+
+
+def shape_row(row: dict[str, Any], data: DataConfig, method: str) -> dict[str, Any]:
+    fmt = data.format
+    if fmt == "text":
+        return {"text": row["text"]}
+    if fmt == "preference":
+        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+    if fmt == "instruction":
+        return {
+            "prompt": [{"role": "user", "content": _user_turn(row)}],
+            "completion": [{"role": "assistant", "content": row["output"]}],
+        }
+    messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if not data.train_on_responses_only:
+        return {"messages": messages}
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}
+
+
+def build(data: DataConfig, method: str):
+    """-> (dataset shaped for the trainer, texts for training a tokenizer from scratch)."""
+    raw = load_rows(data)
+    for number, row in enumerate(raw, start=1):
+        formats.check_row(row, data.format, f"data.source {data.source} row {number}")
+    shaped = raw.map(lambda row: shape_row(row, data, method), remove_columns=raw.column_names)
+    return shaped
+
+
+def texts_of(dataset) -> list[str]:
+    """Every string in the shaped rows: the corpus a random-init model's tokenizer learns."""
+    texts: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+
+    for row in dataset:
+        collect(row)
+    return texts

@@ -1,0 +1,129 @@
+"""What a row of each data format must hold, checked before any model loads.
+
+The launcher checks a local file's first rows when it validates a recipe; the training
+program checks every row as it builds the dataset. Both use `check_row`, so a bad row gets
+the same message (file, row number, field) wherever it is found. No torch here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from recipes.errors import BadInput
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+ROLES = ("system", "user", "assistant", "tool")
+
+# format -> (required string fields, example row for the error message)
+REQUIRED: dict[str, tuple[tuple[str, ...], str]] = {
+    "text": (("text",), '{"text": "..."}'),
+    "instruction": (("instruction", "output"), '{"instruction": "...", "input": "", "output": "..."}'),
+    "preference": (("prompt", "chosen", "rejected"), '{"prompt": "...", "chosen": "...", "rejected": "..."}'),
+    "messages": ((), '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'),
+}
+
+ROWS_CHECKED_BY_LAUNCHER = 1000
+
+
+def looks_local(source: str) -> bool:
+    """A data source written as a path (rather than a hub id like org/name)."""
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(DATA_SUFFIXES) or Path(source).exists()
+
+
+def row_problem(row: Any, fmt: str) -> str | None:
+    """None when the row fits the format, else what is wrong with it (naming the field)."""
+    if not isinstance(row, dict):
+        return f"is a {type(row).__name__}, not an object"
+    fields, _ = REQUIRED[fmt]
+    for field in fields:
+        if field not in row:
+            return f"has no field {field!r}"
+        if not isinstance(row[field], str):
+            return f"field {field!r} is {type(row[field]).__name__}, not text"
+    if fmt == "instruction" and not isinstance(row.get("input", ""), str | None):
+        return "field 'input' is not text"
+    if fmt == "messages":
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "field 'messages' is missing or not a non-empty list"
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                return f"messages[{i}] has no text field 'content'"
+            if message.get("role") not in ROLES:
+                return f"messages[{i}].role is {message.get('role')!r}, not one of {', '.join(ROLES)}"
+        if not any(m["role"] == "assistant" for m in messages):
+            return "field 'messages' has no assistant turn to learn from"
+    return None
+
+
+def check_row(row: Any, fmt: str, where: str) -> None:
+    problem = row_problem(row, fmt)
+    if problem is not None:
+        raise BadInput(
+            f"{where} {problem}, so it does not match data.format {fmt}; "
+            f"each row must look like {REQUIRED[fmt][1]} (or set data.format to what the file holds)"
+        )
+
+
+def _rows(path: Path, limit: int) -> Iterator[tuple[int, Any]]:
+    """(1-based row number, row) for the first `limit` rows of a local file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            number = 0
+            for line in handle:
+                if not line.strip():
+                    continue
+                number += 1
+                if number > limit:
+                    return
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BadInput(f"{path} row {number} is not valid JSON ({exc.msg}); fix that line") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{path} is not valid JSON at line {exc.lineno}: {exc.msg}; fix the file") from None
+        if not isinstance(data, list):
+            raise BadInput(f"{path} must hold a JSON list of rows, not {type(data).__name__}; or use .jsonl")
+        yield from enumerate(data[:limit], start=1)
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            for number, row in enumerate(csv.DictReader(handle), start=1):
+                if number > limit:
+                    return
+                yield number, row
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq  # installed with datasets; only parquet needs it
+
+        table = pq.read_table(path).slice(0, limit)
+        yield from enumerate(table.to_pylist(), start=1)
+
+
+def data_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in DATA_SUFFIXES)
+        if not files:
+            raise BadInput(f"data folder {str(path)!r} holds no {'/'.join(DATA_SUFFIXES)} file; put the data there")
+        return files
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise BadInput(f"data file {str(path)!r} is not one of {', '.join(DATA_SUFFIXES)}; convert it or rename it")
+    return [path]
+
+
+def check_local_file(path: Path, fmt: str, field: str = "data.source") -> int:
+    """Check the first rows of a local file or folder; return how many rows were checked."""
+    checked = 0
+    for file in data_files(path):
+        for number, row in _rows(file, ROWS_CHECKED_BY_LAUNCHER):
+            check_row(row, fmt, f"{field} {file} row {number}")
+            checked += 1
+    if checked == 0:
+        raise BadInput(f"{field} {str(path)!r} holds no rows; add training examples")
+    return checked

@@ -1,0 +1,206 @@
+"""The one schema every recipe YAML is validated against.
+
+Imports pydantic only (never torch or unsloth), so the launcher can validate and plan a
+recipe instantly on a laptop or in CI. Every message that reaches a user names the field,
+the value and the fix; `errors.format_validation_error` turns pydantic's errors into that.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Unsloth's usual LoRA targets for dense decoders (Llama, Qwen, Gemma, Mistral).
+DEFAULT_TARGET_MODULES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RandomInit(Strict):
+    """Build the model with random weights from this shape instead of downloading one.
+
+    Used by the offline smoke recipe and by the benchmarks. The tokenizer is a byte-level
+    BPE trained on the recipe's own data, so nothing is fetched from a hub.
+    """
+
+    architecture: Literal["llama"] = "llama"
+    hidden_size: PositiveInt = 64
+    intermediate_size: PositiveInt = 128
+    num_hidden_layers: PositiveInt = 2
+    num_attention_heads: PositiveInt = 4
+    num_key_value_heads: PositiveInt | None = None
+    vocab_size: Annotated[int, Field(ge=260)] = 512
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> RandomInit:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}; pick a head count that divides it"
+            )
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads {kv}; pick a KV head count that divides it"
+            )
+        return self
+
+    def parameter_count(self) -> int:
+        """Exact parameter count of the Llama model this shape builds (untied embeddings)."""
+        h, i, n = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        head_dim = h // self.num_attention_heads
+        kv = (self.num_key_value_heads or self.num_attention_heads) * head_dim
+        attention = h * h * 2 + h * kv * 2  # q, o and k, v
+        mlp = 3 * h * i
+        norms = 2 * h
+        return n * (attention + mlp + norms) + 2 * self.vocab_size * h + h
+
+
+class ModelConfig(Strict):
+    name: str = Field(min_length=1, description="Hugging Face hub id or local folder")
+    random_init: RandomInit | None = None
+    size_b: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="parameters in billions, for the planner when the name does not say",
+    )
+    max_seq_length: PositiveInt = 2048
+    load_in: Literal["4bit", "8bit", "16bit"] = "4bit"
+    full_finetuning: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _full_finetuning_is_16bit(self) -> ModelConfig:
+        if self.full_finetuning and self.load_in != "16bit":
+            raise ValueError(
+                f"full_finetuning trains every weight and needs load_in: 16bit, "
+                f"not {self.load_in!r}; set model.load_in=16bit or use LoRA"
+            )
+        return self
+
+
+class LoraConfig(Strict):
+    r: PositiveInt = 16
+    alpha: PositiveInt = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("target_modules is empty; name at least one module, e.g. [q_proj, v_proj]")
+        return value
+
+
+DataFormat = Literal["messages", "instruction", "text", "preference"]
+
+
+class DataConfig(Strict):
+    source: str = Field(
+        min_length=1,
+        description="local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset id",
+    )
+    split: str = "train"
+    format: DataFormat = "messages"
+    chat_template: str | None = Field(
+        default=None, description="an Unsloth chat template name; default: the tokenizer's own"
+    )
+    train_on_responses_only: bool = False
+    max_samples: PositiveInt | None = None
+
+
+class TrainingConfig(Strict):
+    method: Literal["sft", "dpo", "cpt"] = "sft"
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: int = Field(default=-1, ge=-1, description="-1: run for `epochs`")
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-4
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: NonNegativeInt = 5
+    per_device_batch_size: PositiveInt = 2
+    gradient_accumulation_steps: PositiveInt = 4
+    packing: bool = False
+    seed: int = 3407
+    gradient_checkpointing: bool | Literal["unsloth"] = "unsloth"
+    optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = "adamw_8bit"
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    dpo_beta: Annotated[float, Field(gt=0)] = 0.1
+
+    @field_validator("max_steps")
+    @classmethod
+    def _no_zero_steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("max_steps 0 trains nothing; use a positive count, or -1 for epochs")
+        return value
+
+
+class OutputConfig(Strict):
+    dir: str | None = Field(default=None, description="default: $OUTPUTS_DIR/<recipe name> (OUTPUTS_DIR: ./outputs)")
+    save: list[Literal["adapter", "merged_16bit", "gguf"]] = Field(default_factory=lambda: ["adapter"])
+    save_steps: NonNegativeInt = Field(default=0, description="0: no intermediate checkpoints")
+    keep_checkpoints: PositiveInt = 2
+    resume: bool = True
+
+
+class LoggingConfig(Strict):
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    steps: PositiveInt = 10
+
+
+class Recipe(Strict):
+    name: str | None = Field(default=None, description="default: the file name without .yaml")
+    description: str = ""
+    allow_cpu: bool = Field(default=False, description="may train without a GPU (only tiny models make sense)")
+    model: ModelConfig
+    lora: LoraConfig | None = Field(default_factory=LoraConfig)
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.model.full_finetuning and self.lora is not None:
+            raise ValueError(
+                "model.full_finetuning trains every weight, so lora must be null; "
+                "set lora=null or model.full_finetuning=false"
+            )
+        if not self.model.full_finetuning and self.lora is None:
+            raise ValueError(
+                "lora is null but model.full_finetuning is false: nothing would train; "
+                "give a lora section or set model.full_finetuning=true"
+            )
+        wants = {"dpo": "preference", "cpt": "text"}.get(self.training.method)
+        if wants and self.data.format != wants:
+            raise ValueError(
+                f"training.method {self.training.method} needs data.format {wants}, not {self.data.format}"
+            )
+        if self.data.format == "preference" and self.training.method != "dpo":
+            raise ValueError(
+                f"data.format preference (chosen/rejected pairs) is for training.method dpo, not {self.training.method}"
+            )
+        if self.data.train_on_responses_only and self.data.format not in ("messages", "instruction"):
+            raise ValueError(
+                "data.train_on_responses_only needs conversations (format messages or "
+                f"instruction), not {self.data.format}"
+            )
+        return self

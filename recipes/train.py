@@ -1,0 +1,303 @@
+"""The per-process training program. Started by the launcher, once per process:
+
+    python -m recipes.train --recipe RESOLVED.yaml --mode single|model --mixed-precision bf16
+    accelerate launch --config_file ... -m recipes.train --recipe RESOLVED.yaml --mode ddp ...
+
+It reads top to bottom: refuse the trap, place the model as the mode needs, build the data
+and the trainer, train (resuming from the newest checkpoint), save on the main process only,
+and write metrics. A bad recipe or data row exits with status 2 before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from recipes import catalog, data
+from recipes.errors import EXIT_BAD_INPUT, BadInput
+from recipes.schema import Recipe
+
+STARTED = time.time()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="recipes.train", description=__doc__)
+    parser.add_argument(
+        "--recipe", required=True, help="recipe name or YAML file (the launcher passes the resolved one)"
+    )
+    parser.add_argument("--mode", choices=("single", "ddp", "model"), default="single")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_args(argv)
+
+
+def refuse_the_trap(mode: str, world_size: int) -> None:
+    """Balanced placement under a multi-process launch fails deep inside accelerate; stop first."""
+    if mode == "model" and world_size > 1:
+        raise BadInput(
+            f"--mode model (device_map='balanced', one model split over the GPUs of ONE process) "
+            f"was started as one of {world_size} processes (WORLD_SIZE={world_size}); every rank "
+            f"would load its own split copy and training would fail with \"You can't train a model "
+            f"that has been loaded with device_map='auto' in any distributed mode\". Start it as one "
+            f"plain process (PARALLELISM=model), or use PARALLELISM=ddp"
+        )
+
+
+def device_map_for(mode: str, local_rank: int, cuda: bool) -> Any:
+    if not cuda:
+        return "cpu"
+    if mode == "model":
+        return "balanced"  # one process: accelerate splits the layers over every visible GPU
+    return {"": local_rank}  # single and ddp: one whole model on this process's own GPU
+
+
+def resolve_model(recipe: Recipe, texts: list[str], out: Path) -> str:
+    """The folder or hub id to load; a random-init shape is built (once) under the output folder."""
+    spec = recipe.model.random_init
+    if spec is None:
+        return recipe.model.name
+    from recipes import random_model
+
+    corpus_key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    folder = random_model.folder_for(spec, corpus_key, recipe.model.max_seq_length, out / "random-model")
+    return str(random_model.build(spec, texts, folder, recipe.model.max_seq_length))
+
+
+def trainable_fingerprint(model) -> str:
+    """A hash of every trainable weight: equal on every DDP rank when they stayed in step."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_atomically(model, tokenizer, dest: Path) -> None:
+    """Write into a temp folder beside dest, then swap it in: a crash never leaves half an adapter."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def peak_memory_gib() -> dict[str, float]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {
+            f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 1024**3, 3)
+            for i in range(torch.cuda.device_count())
+        }
+    # ru_maxrss is KiB on Linux: the host memory this process peaked at.
+    return {"cpu": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+
+
+def trainer_config(recipe: Recipe, out: Path, precision: str) -> dict[str, Any]:
+    """Arguments shared by SFTConfig and DPOConfig."""
+    t, o, log = recipe.training, recipe.output, recipe.logging
+    return dict(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_steps=log.steps,
+        report_to=[] if log.report_to == "none" else [log.report_to],
+        save_strategy="steps" if o.save_steps else "no",
+        save_steps=o.save_steps or 500,
+        save_total_limit=o.keep_checkpoints,
+        include_num_input_tokens_seen=True,
+        dataloader_num_workers=0,
+        max_length=recipe.model.max_seq_length,
+    )
+
+
+def make_trainer(recipe: Recipe, model, tokenizer, dataset, out: Path, precision: str, callbacks: list):
+    common = trainer_config(recipe, out, precision)
+    if recipe.training.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, beta=recipe.training.dpo_beta)
+        return DPOTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+        )
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        **common,
+        packing=recipe.training.packing,
+        dataset_text_field="text",
+        completion_only_loss=recipe.data.train_on_responses_only or None,
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+
+
+def make_callback():
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        """Loss history and the moment of the first optimizer step, for metrics.json."""
+
+        def __init__(self) -> None:
+            self.losses: list[tuple[int, float]] = []
+            self.first_step_at: float | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append((state.global_step, float(logs["loss"])))
+
+    return Record()
+
+
+def newest_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = catalog.load(args.recipe, args.overrides).recipe
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    refuse_the_trap(args.mode, world_size)
+    out = Path(recipe.output.dir or Path("outputs") / str(recipe.name)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+
+    # Data first: a bad row must stop the run before minutes of model loading.
+    dataset = data.build(recipe.data, recipe.training.method)
+
+    # Unsloth patches transformers, TRL and PEFT at import: it comes before them.
+    import torch
+    import unsloth  # noqa: F401
+    from unsloth import FastLanguageModel
+
+    cuda = torch.cuda.is_available()
+    if cuda and args.mode == "ddp":
+        torch.cuda.set_device(local_rank)
+    model_name = resolve_model(recipe, data.texts_of(dataset), out)
+    m = recipe.model
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_name,
+        max_seq_length=m.max_seq_length,
+        dtype=None if m.dtype == "auto" else getattr(torch, m.dtype),
+        load_in_4bit=m.load_in == "4bit",
+        load_in_8bit=m.load_in == "8bit",
+        full_finetuning=m.full_finetuning,
+        device_map=device_map_for(args.mode, local_rank, cuda),
+        trust_remote_code=m.trust_remote_code,
+        use_gradient_checkpointing=recipe.training.gradient_checkpointing,
+    )
+    if recipe.lora is not None:
+        lora = recipe.lora
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            use_rslora=lora.use_rslora,
+            use_gradient_checkpointing=recipe.training.gradient_checkpointing,
+            random_state=recipe.training.seed,
+            max_seq_length=m.max_seq_length,
+        )
+
+    record = make_callback()
+    trainer = make_trainer(recipe, model, tokenizer, dataset, out, args.mixed_precision, [record])
+    resume = newest_checkpoint(out / "checkpoints") if recipe.output.resume else None
+    if resume and trainer.accelerator.is_main_process:
+        print(f"resuming from {resume}", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    # Every rank hashes its weights; the main process records them all (they must be equal).
+    from accelerate.utils import gather_object
+
+    fingerprints = gather_object([trainable_fingerprint(trainer.model)])
+    peaks = gather_object([peak_memory_gib()])
+    if trainer.accelerator.is_main_process:
+        final = "model" if m.full_finetuning else "adapter"
+        save_atomically(trainer.model, tokenizer, out / final)
+        losses = record.losses
+        wall = time.time() - STARTED
+        tokens = int(trainer.state.num_input_tokens_seen or 0)
+        runtime = float(result.metrics.get("train_runtime", 0.0))
+        launcher_t0 = float(os.environ.get("ENTRYPOINT_STARTED_AT", STARTED))
+        metrics = {
+            "recipe": recipe.name,
+            "mode": args.mode,
+            "world_size": world_size,
+            "device": "cuda" if cuda else "cpu",
+            "steps": trainer.state.global_step,
+            "first_loss": losses[0][1] if losses else None,
+            "final_loss": losses[-1][1] if losses else None,
+            "losses": losses,
+            "train_runtime_s": round(runtime, 3),
+            "tokens": tokens,
+            "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
+            "time_to_first_step_s": round(record.first_step_at - launcher_t0, 3) if record.first_step_at else None,
+            "wall_time_s": round(wall, 3),
+            "peak_memory_gib": peaks,
+            "trainable_fingerprints": fingerprints,
+            "resumed_from": resume,
+            "saved": str(out / final),
+            "versions": {
+                name: __import__(name).__version__
+                for name in ("unsloth", "torch", "transformers", "trl", "peft", "accelerate")
+            },
+        }
+        write_json_atomically(out / "metrics.json", metrics)
+        loss_text = f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}" if losses else "no loss logged"
+        print(
+            f"done: {recipe.name} [{args.mode} x{world_size}] {metrics['steps']} steps, {loss_text}, "
+            f"{metrics['tokens_per_second']} tokens/s, {wall:.1f}s; saved {out / final}",
+            flush=True,
+        )
+    trainer.accelerator.wait_for_everyone()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(parse_args(argv))
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
