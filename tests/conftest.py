@@ -1,0 +1,79 @@
+"""Shared helpers: a clean launcher environment, recipe files, and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER_VARIABLES = (
+    "PARALLELISM",
+    "NUM_GPUS",
+    "CPU_PROCESSES",
+    "ALLOW_CPU",
+    "RECIPE",
+    "OUTPUTS_DIR",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+    "WORLD_SIZE",
+    "RANK",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+)
+
+BIG_RECIPE = """
+model:
+  name: meta-llama/Llama-3.3-70B-Instruct
+  load_in: 16bit
+  max_seq_length: 2048
+data:
+  source: someorg/some-chats
+  format: messages
+training:
+  per_device_batch_size: 1
+"""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    full_env = clean_env() if env is None else env
+    full_env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "entrypoint", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_recipe(folder: Path, name: str, text: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No launcher variable from the developer's shell leaks into a test."""
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def big_recipe(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path, "big", BIG_RECIPE)
