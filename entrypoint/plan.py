@@ -19,6 +19,7 @@ import yaml
 from entrypoint import memory
 from entrypoint.environment import Mode, Request
 from entrypoint.gpus import Gpu
+from recipes import exports
 from recipes.catalog import LoadedRecipe, to_yaml
 from recipes.errors import BadInput
 
@@ -230,6 +231,7 @@ def make(
     cwd: str,
     python: str = sys.executable,
 ) -> Plan:
+    exports.check_possible(loaded.recipe, environ)
     est = memory.estimate(loaded.recipe)
     mode, chosen, processes, reason = choose(request, loaded, gpus, est)
     device = "cuda" if chosen else "cpu"

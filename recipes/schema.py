@@ -156,6 +156,7 @@ class TrainingConfig(Strict):
 class OutputConfig(Strict):
     dir: str | None = Field(default=None, description="default: $OUTPUTS_DIR/<recipe name> (OUTPUTS_DIR: ./outputs)")
     save: list[Literal["adapter", "merged_16bit", "gguf"]] = Field(default_factory=lambda: ["adapter"])
+    gguf_quantization: Literal["q8_0", "f16", "bf16", "q4_k_m", "q5_k_m", "q6_k"] = "q8_0"
     save_steps: NonNegativeInt = Field(default=0, description="0: no intermediate checkpoints")
     keep_checkpoints: PositiveInt = 2
     resume: bool = True
@@ -188,6 +189,11 @@ class Recipe(Strict):
             raise ValueError(
                 "lora is null but model.full_finetuning is false: nothing would train; "
                 "give a lora section or set model.full_finetuning=true"
+            )
+        if self.model.full_finetuning and set(self.output.save) - {"adapter"}:
+            raise ValueError(
+                "output.save merged_16bit / gguf export a LoRA run; full fine-tuning already saves "
+                "the whole model in model/, so set output.save=[adapter]"
             )
         wants = {"dpo": "preference", "cpt": "text"}.get(self.training.method)
         if wants and self.data.format != wants:

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipes import catalog, data
-from recipes.errors import EXIT_BAD_INPUT, BadInput
+from recipes import catalog, data, exports
+from recipes.errors import EXIT_BAD_INPUT, BadInput, closest
 from recipes.schema import Recipe
 
 STARTED = time.time()
@@ -69,6 +69,30 @@ def resolve_model(recipe: Recipe, texts: list[str], out: Path) -> str:
     corpus_key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     folder = random_model.folder_for(spec, corpus_key, recipe.model.max_seq_length, out / "random-model")
     return str(random_model.build(spec, texts, folder, recipe.model.max_seq_length))
+
+
+def check_chat_template(recipe: Recipe, model_name: str) -> None:
+    """Conversations need a chat template: a known Unsloth name, or the tokenizer's own."""
+    if recipe.data.format not in ("messages", "instruction"):
+        return
+    name = recipe.data.chat_template
+    if name is not None:
+        from unsloth.chat_templates import CHAT_TEMPLATES
+
+        if name not in CHAT_TEMPLATES:
+            raise BadInput(
+                f"data.chat_template {name!r} is not an Unsloth chat template{closest(name, CHAT_TEMPLATES)}; "
+                f"known: {', '.join(sorted(CHAT_TEMPLATES))}"
+            )
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=recipe.model.trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadInput(
+            f"the tokenizer of {recipe.model.name} has no chat template, which data.format "
+            f"{recipe.data.format} needs; set data.chat_template (e.g. chatml, llama-3.1, qwen3)"
+        )
 
 
 def trainable_fingerprint(model) -> str:
@@ -184,10 +208,17 @@ def make_callback():
     return Record()
 
 
-def newest_checkpoint(folder: Path) -> str | None:
+def newest_checkpoint(folder: Path, max_steps: int) -> str | None:
+    """The checkpoint to resume from; BadInput when it is already at or past max_steps."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    newest = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if newest and max_steps > 0 and int(newest.rsplit("-", 1)[-1]) >= max_steps:
+        raise BadInput(
+            f"{newest} is already at or past training.max_steps={max_steps}: nothing left to train. "
+            f"Raise training.max_steps, set output.resume=false to start fresh, or use another output.dir"
+        )
+    return newest
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,22 +226,25 @@ def run(args: argparse.Namespace) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     refuse_the_trap(args.mode, world_size)
+    exports.check_possible(recipe, os.environ)
     out = Path(recipe.output.dir or Path("outputs") / str(recipe.name)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
-
-    # Data first: a bad row must stop the run before minutes of model loading.
-    dataset = data.build(recipe.data, recipe.training.method)
+    resume = newest_checkpoint(out / "checkpoints", recipe.training.max_steps) if recipe.output.resume else None
 
     # Unsloth patches transformers, TRL and PEFT at import: it comes before them.
     import torch
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel
 
+    # Data before the model: a bad row must stop the run before minutes of model loading.
+    dataset = data.build(recipe.data, recipe.training.method)
+
     cuda = torch.cuda.is_available()
     if cuda and args.mode == "ddp":
         torch.cuda.set_device(local_rank)
     model_name = resolve_model(recipe, data.texts_of(dataset), out)
+    check_chat_template(recipe, model_name)
     m = recipe.model
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_name,
@@ -223,6 +257,10 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=m.trust_remote_code,
         use_gradient_checkpointing=recipe.training.gradient_checkpointing,
     )
+    if recipe.data.chat_template is not None:
+        from unsloth.chat_templates import get_chat_template
+
+        tokenizer = get_chat_template(tokenizer, chat_template=recipe.data.chat_template)
     if recipe.lora is not None:
         lora = recipe.lora
         model = FastLanguageModel.get_peft_model(
@@ -239,9 +277,8 @@ def run(args: argparse.Namespace) -> int:
 
     record = make_callback()
     trainer = make_trainer(recipe, model, tokenizer, dataset, out, args.mixed_precision, [record])
-    resume = newest_checkpoint(out / "checkpoints") if recipe.output.resume else None
     if resume and trainer.accelerator.is_main_process:
-        print(f"resuming from {resume}", flush=True)
+        print(f"resuming from {resume} (output.resume=false starts fresh)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
 
     # Every rank hashes its weights; the main process records them all (they must be equal).
@@ -252,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     if trainer.accelerator.is_main_process:
         final = "model" if m.full_finetuning else "adapter"
         save_atomically(trainer.model, tokenizer, out / final)
+        exported = exports.write(trainer.model, tokenizer, out, recipe)
         losses = record.losses
         wall = time.time() - STARTED
         tokens = int(trainer.state.num_input_tokens_seen or 0)
@@ -275,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
             "trainable_fingerprints": fingerprints,
             "resumed_from": resume,
             "saved": str(out / final),
+            "exported": exported,
             "versions": {
                 name: __import__(name).__version__
                 for name in ("unsloth", "torch", "transformers", "trl", "peft", "accelerate")
@@ -288,6 +327,10 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     trainer.accelerator.wait_for_everyone()
+    # Left to interpreter shutdown, gloo's threads can abort the process ("terminate called
+    # without an active exception") after a successful run; close the group while all ranks live.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -152,3 +152,19 @@ def test_resolved_recipe_round_trips_through_yaml(tmp_path):
     copy = tmp_path / "copy.yaml"
     copy.write_text(catalog.to_yaml(loaded.recipe))
     assert catalog.load(str(copy)).recipe == loaded.recipe
+
+
+@pytest.mark.parametrize("name", sorted(catalog.bundled()))
+def test_every_bundled_recipe_validates_and_gives_its_launch_line(name):
+    loaded = catalog.load(name)
+    header = loaded.path.read_text().split("\n\n")[0]
+    assert header.startswith("# ") and "docker run" in header and name in header
+    if loaded.recipe.model.random_init is None:
+        assert "/" in loaded.recipe.model.name and "/" in loaded.recipe.data.source  # hub ids, not fetched
+
+
+def test_the_collection_covers_the_methods_and_a_model_parallel_recipe():
+    recipes = [catalog.load(name).recipe for name in catalog.bundled()]
+    assert len(recipes) >= 9
+    assert {r.training.method for r in recipes} == {"sft", "dpo", "cpt"}
+    assert any("70B" in r.model.name for r in recipes)

@@ -7,6 +7,8 @@ import json
 import pytest
 from conftest import clean_env, run_cli, write_recipe
 
+from recipes import catalog
+
 PLAN_KEYS = {
     "mode",
     "num_processes",
@@ -78,7 +80,8 @@ def test_recipe_variable_serves_when_the_command_line_names_none(tmp_path):
 
 def test_list_names_every_bundled_recipe(tmp_path):
     done = run_cli("list", cwd=tmp_path)
-    assert done.returncode == 0 and done.stdout.split()[0] == "smoke"
+    listed = [line.split()[0] for line in done.stdout.splitlines()]
+    assert done.returncode == 0 and listed == sorted(catalog.bundled())
 
 
 def test_no_arguments_prints_help_and_the_recipe_list(tmp_path):
@@ -104,3 +107,10 @@ def test_unwritable_output_folder_exits_2_before_training(tmp_path):
     blocker.write_text("not a folder")
     done = run_cli("run", "smoke", cwd=tmp_path, env=clean_env(OUTPUTS_DIR=str(blocker / "out")))
     assert done.returncode == 2 and "cannot be written" in done.stderr and "OUTPUTS_DIR" in done.stderr
+
+
+def test_gguf_without_llama_cpp_is_refused_before_training(tmp_path):
+    env = clean_env(UNSLOTH_LLAMA_CPP_PATH=str(tmp_path / "no-llama.cpp"))
+    done = run_cli("run", "smoke", "output.save=[adapter,gguf]", cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "llama.cpp" in done.stderr and "UNSLOTH_LLAMA_CPP_PATH" in done.stderr
+    assert not (tmp_path / "outputs").exists()
