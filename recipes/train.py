@@ -14,14 +14,13 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from recipes import catalog, data, exports
+from recipes import catalog, data, exports, progress
 from recipes.errors import EXIT_BAD_INPUT, BadInput, closest
 from recipes.schema import Recipe
 
@@ -126,18 +125,6 @@ def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def peak_memory_gib() -> dict[str, float]:
-    import torch
-
-    if torch.cuda.is_available():
-        return {
-            f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 1024**3, 3)
-            for i in range(torch.cuda.device_count())
-        }
-    # ru_maxrss is KiB on Linux: the host memory this process peaked at.
-    return {"cpu": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
-
-
 def trainer_config(recipe: Recipe, out: Path, precision: str) -> dict[str, Any]:
     """Arguments shared by SFTConfig and DPOConfig."""
     t, o, log = recipe.training, recipe.output, recipe.logging
@@ -185,27 +172,6 @@ def make_trainer(recipe: Recipe, model, tokenizer, dataset, out: Path, precision
         completion_only_loss=recipe.data.train_on_responses_only or None,
     )
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
-
-
-def make_callback():
-    from transformers import TrainerCallback
-
-    class Record(TrainerCallback):
-        """Loss history and the moment of the first optimizer step, for metrics.json."""
-
-        def __init__(self) -> None:
-            self.losses: list[tuple[int, float]] = []
-            self.first_step_at: float | None = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if self.first_step_at is None:
-                self.first_step_at = time.time()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append((state.global_step, float(logs["loss"])))
-
-    return Record()
 
 
 def newest_checkpoint(folder: Path, max_steps: int) -> str | None:
@@ -275,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
             max_seq_length=m.max_seq_length,
         )
 
-    record = make_callback()
+    record = progress.make_recorder()
     trainer = make_trainer(recipe, model, tokenizer, dataset, out, args.mixed_precision, [record])
     if resume and trainer.accelerator.is_main_process:
         print(f"resuming from {resume} (output.resume=false starts fresh)", flush=True)
@@ -285,29 +251,30 @@ def run(args: argparse.Namespace) -> int:
     from accelerate.utils import gather_object
 
     fingerprints = gather_object([trainable_fingerprint(trainer.model)])
-    peaks = gather_object([peak_memory_gib()])
+    peaks = gather_object([progress.peak_memory_gib()])
     if trainer.accelerator.is_main_process:
         final = "model" if m.full_finetuning else "adapter"
         save_atomically(trainer.model, tokenizer, out / final)
         exported = exports.write(trainer.model, tokenizer, out, recipe)
-        losses = record.losses
         wall = time.time() - STARTED
         tokens = int(trainer.state.num_input_tokens_seen or 0)
         runtime = float(result.metrics.get("train_runtime", 0.0))
         launcher_t0 = float(os.environ.get("ENTRYPOINT_STARTED_AT", STARTED))
+        measured = record.summary(launcher_t0)
         metrics = {
             "recipe": recipe.name,
             "mode": args.mode,
             "world_size": world_size,
             "device": "cuda" if cuda else "cpu",
             "steps": trainer.state.global_step,
-            "first_loss": losses[0][1] if losses else None,
-            "final_loss": losses[-1][1] if losses else None,
-            "losses": losses,
+            **{k: measured[k] for k in ("first_loss", "final_loss", "losses")},
             "train_runtime_s": round(runtime, 3),
             "tokens": tokens,
             "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
-            "time_to_first_step_s": round(record.first_step_at - launcher_t0, 3) if record.first_step_at else None,
+            **{
+                k: measured[k]
+                for k in ("steady_tokens_per_second", "step_time_s", "time_to_first_step_s", "steps_measured")
+            },
             "wall_time_s": round(wall, 3),
             "peak_memory_gib": peaks,
             "trainable_fingerprints": fingerprints,
@@ -320,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
             },
         }
         write_json_atomically(out / "metrics.json", metrics)
-        loss_text = f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}" if losses else "no loss logged"
+        losses = measured["losses"]
+        loss_text = f"loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}" if losses else "no loss logged"
         print(
             f"done: {recipe.name} [{args.mode} x{world_size}] {metrics['steps']} steps, {loss_text}, "
             f"{metrics['tokens_per_second']} tokens/s, {wall:.1f}s; saved {out / final}",

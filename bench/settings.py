@@ -1,0 +1,104 @@
+"""One set of training settings for every stack the benchmark compares, and its inputs:
+a random-init Llama-architecture model and a synthetic text dataset, both built offline.
+
+The launcher stack gets these through a recipe; the bare Unsloth and plain transformers
+scripts read them from here directly, so all three train the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from recipes.schema import DEFAULT_TARGET_MODULES, RandomInit  # noqa: E402
+
+SHAPES = {
+    # For checking the benchmark itself on a CPU in seconds; never reported.
+    "tiny": RandomInit(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=32000, seed=0
+    ),
+    # TinyLlama-1.1B's shape.
+    "1b": RandomInit(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        seed=0,
+    ),
+    # Llama-3-8B's layers with a 32k vocabulary (a tokenizer trained offline cannot reach 128k): 7.0B.
+    "8b": RandomInit(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        seed=0,
+    ),
+}
+SEQ_LEN = 2048
+BATCH = 4
+LORA_R = 16
+LORA_ALPHA = 16
+TARGET_MODULES = list(DEFAULT_TARGET_MODULES)
+LEARNING_RATE = 2e-4
+OPTIMIZER = "adamw_8bit"
+WARMUP = 5
+SEED = 3407
+WORDS_PER_ROW = 2600  # > SEQ_LEN tokens once tokenized: every row fills the sequence, no padding
+
+
+def synthetic_rows(count: int, seed: int = 0) -> list[str]:
+    """Rows of pseudo-words from a 30k-word vocabulary: enough distinct words for a 32k BPE."""
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(30_000)]
+    return [" ".join(rng.choices(vocab, k=WORDS_PER_ROW)) for _ in range(count)]
+
+
+def prepare(size: str, steps: int, work: Path) -> tuple[Path, Path]:
+    """-> (model folder, data file); built once per size and reused."""
+    from recipes import random_model
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"synthetic-{steps * BATCH + 16}.jsonl"
+    rows = synthetic_rows(steps * BATCH + 16)
+    if not data.exists():
+        data.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    spec = SHAPES[size]
+    folder = random_model.folder_for(spec, data.name, SEQ_LEN, work / "models")
+    random_model.build(spec, rows, folder, SEQ_LEN)
+    return folder, data
+
+
+def sft_config_kwargs(output_dir: str, steps: int) -> dict:
+    """SFTConfig arguments every stack uses."""
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="linear",
+        warmup_steps=WARMUP,
+        weight_decay=0.01,
+        optim=OPTIMIZER,
+        seed=SEED,
+        bf16=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        max_length=SEQ_LEN,
+        packing=False,
+        dataset_text_field="text",
+        include_num_input_tokens_seen=True,
+        dataloader_num_workers=0,
+    )

@@ -1,0 +1,70 @@
+"""What a run measures about itself: loss history, step times, tokens, peak memory.
+
+One TrainerCallback used by the training program and, unchanged, by the benchmark's bare
+Unsloth and plain transformers scripts, so every stack is measured the same way.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any
+
+WARMUP_STEPS = 5  # the first steps compile kernels and warm caches; steady numbers skip them
+
+
+def peak_memory_gib() -> dict[str, float]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {
+            f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 1024**3, 3)
+            for i in range(torch.cuda.device_count())
+        }
+    # ru_maxrss is KiB on Linux: the host memory this process peaked at.
+    return {"cpu": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+
+
+def make_recorder():
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        """Loss per logged step; wall time and tokens seen (all ranks) at the end of each step."""
+
+        def __init__(self) -> None:
+            self.losses: list[tuple[int, float]] = []
+            self.first_step_at: float | None = None
+            self.step_ends: list[tuple[float, int]] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ends.append((time.time(), int(state.num_input_tokens_seen or 0)))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append((state.global_step, float(logs["loss"])))
+
+        def summary(self, started_at: float) -> dict[str, Any]:
+            """Steady throughput over the steps after WARMUP_STEPS (all steps if there are few)."""
+            ends = self.step_ends
+            skip = WARMUP_STEPS if len(ends) > WARMUP_STEPS + 2 else 0
+            origin = ends[skip - 1] if skip else (self.first_step_at or started_at, 0)
+            steady = ends[skip:]
+            elapsed = steady[-1][0] - origin[0] if steady else 0.0
+            tokens = steady[-1][1] - origin[1] if steady else 0
+            times = [b[0] - a[0] for a, b in zip([origin, *steady[:-1]], steady, strict=True)]
+            return {
+                "steps_measured": len(steady),
+                "steady_tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
+                "step_time_s": round(statistics.median(times), 4) if times else None,
+                "time_to_first_step_s": round(self.first_step_at - started_at, 3) if self.first_step_at else None,
+                "first_loss": self.losses[0][1] if self.losses else None,
+                "final_loss": self.losses[-1][1] if self.losses else None,
+                "losses": self.losses,
+            }
+
+    return Recorder()
