@@ -41,6 +41,7 @@ trainer = SFTTrainer(
     callbacks=[recorder],
     args=SFTConfig(**settings.sft_config_kwargs("/tmp/bench-bare-unsloth", steps)),
 )
+recorder.counter = progress.count_tokens(trainer)
 trainer.train()
 result = {"stack": "unsloth", **recorder.summary(STARTED), "peak_memory_gib": progress.peak_memory_gib()}
 with open(result_file, "w") as handle:

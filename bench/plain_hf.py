@@ -53,6 +53,7 @@ config = SFTConfig(
     gradient_checkpointing_kwargs={"use_reentrant": False},
 )
 trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[recorder], args=config)
+recorder.counter = progress.count_tokens(trainer)
 trainer.train()
 result = {"stack": "hf", **recorder.summary(STARTED), "peak_memory_gib": progress.peak_memory_gib()}
 with open(result_file, "w") as handle:

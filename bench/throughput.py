@@ -60,7 +60,7 @@ output:
   resume: false
 logging:
   report_to: none
-  steps: 1
+  steps: 5
 """
 
 

@@ -26,23 +26,53 @@ def peak_memory_gib() -> dict[str, float]:
     return {"cpu": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
 
 
-def make_recorder():
+class CountingCollator:
+    """Wraps a trainer's data collator and counts the tokens of each batch on the CPU.
+
+    transformers' include_num_input_tokens_seen does the same count on the GPU with a sync
+    (`.item()`) every step, which stalls a fast Unsloth step; counting the padded batch here,
+    before it reaches the GPU, costs nothing. The DataLoader fetches one batch ahead, which
+    cancels out of any throughput window. DPO batches carry prompt/chosen/rejected ids.
+    """
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+        self.tokens = 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        self.tokens += sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and hasattr(v, "numel"))
+        return batch
+
+
+def count_tokens(trainer) -> CountingCollator:
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    return counter
+
+
+def make_recorder(world_size: int = 1):
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
-        """Loss per logged step; wall time and tokens seen (all ranks) at the end of each step."""
+        """Loss per logged step; wall time and tokens (this rank's x world size) after each step.
+
+        `counter` (a CountingCollator) is attached once the trainer exists.
+        """
 
         def __init__(self) -> None:
             self.losses: list[tuple[int, float]] = []
             self.first_step_at: float | None = None
             self.step_ends: list[tuple[float, int]] = []
+            self.counter: CountingCollator | None = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.first_step_at is None:
                 self.first_step_at = time.time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.step_ends.append((time.time(), int(state.num_input_tokens_seen or 0)))
+            tokens = self.counter.tokens * world_size if self.counter is not None else 0
+            self.step_ends.append((time.time(), tokens))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:

@@ -148,7 +148,6 @@ def trainer_config(recipe: Recipe, out: Path, precision: str) -> dict[str, Any]:
         save_strategy="steps" if o.save_steps else "no",
         save_steps=o.save_steps or 500,
         save_total_limit=o.keep_checkpoints,
-        include_num_input_tokens_seen=True,
         dataloader_num_workers=0,
         max_length=recipe.model.max_seq_length,
     )
@@ -241,8 +240,9 @@ def run(args: argparse.Namespace) -> int:
             max_seq_length=m.max_seq_length,
         )
 
-    record = progress.make_recorder()
+    record = progress.make_recorder(world_size)
     trainer = make_trainer(recipe, model, tokenizer, dataset, out, args.mixed_precision, [record])
+    record.counter = progress.count_tokens(trainer)
     if resume and trainer.accelerator.is_main_process:
         print(f"resuming from {resume} (output.resume=false starts fresh)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -252,12 +252,12 @@ def run(args: argparse.Namespace) -> int:
 
     fingerprints = gather_object([trainable_fingerprint(trainer.model)])
     peaks = gather_object([progress.peak_memory_gib()])
+    tokens = sum(gather_object([record.counter.tokens]))
     if trainer.accelerator.is_main_process:
         final = "model" if m.full_finetuning else "adapter"
         save_atomically(trainer.model, tokenizer, out / final)
         exported = exports.write(trainer.model, tokenizer, out, recipe)
         wall = time.time() - STARTED
-        tokens = int(trainer.state.num_input_tokens_seen or 0)
         runtime = float(result.metrics.get("train_runtime", 0.0))
         launcher_t0 = float(os.environ.get("ENTRYPOINT_STARTED_AT", STARTED))
         measured = record.summary(launcher_t0)
