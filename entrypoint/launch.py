@@ -62,6 +62,8 @@ def execute(plan: Plan, started_at: float) -> int:
     write_files(plan)
     # The child reports time-to-first-step from the moment the launcher started.
     env = {**os.environ, **plan.env, "ENTRYPOINT_STARTED_AT": repr(started_at)}
+    for name in plan.env_unset:
+        env.pop(name, None)
     child = subprocess.Popen(plan.command, env=env, start_new_session=True)
 
     def forward(signum: int, _frame: FrameType | None) -> None:

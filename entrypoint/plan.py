@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from entrypoint import memory
-from entrypoint.environment import Mode, Request
+from entrypoint.environment import CLUSTER_VARIABLES, Cluster, Mode, Request
 from entrypoint.gpus import Gpu
 from recipes import exports
 from recipes.catalog import LoadedRecipe, to_yaml
@@ -53,6 +53,7 @@ class Plan:
     accelerate_config: dict[str, Any] | None
     command: list[str]
     env: dict[str, str]
+    env_unset: list[str]  # cluster variables the launcher consumed; the child must not see them
     memory: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # path -> text, written by the act step
@@ -97,6 +98,15 @@ def choose(
             f"NUM_GPUS instead of under torchrun / accelerate launch"
         )
 
+    cluster = request.cluster
+    nodes = cluster.nnodes
+    if nodes > 1 and request.parallelism in ("model", "single"):
+        raise BadInput(
+            f"PARALLELISM={request.parallelism} runs ONE process on ONE machine, but this job spans {nodes} "
+            f"machines ({cluster.source}); use PARALLELISM=ddp across machines, or run on one machine"
+        )
+    across = f" on each of {nodes} machines" if nodes > 1 else ""
+
     if request.cpu_processes is not None:
         if request.parallelism == "model":
             raise BadInput(
@@ -111,8 +121,9 @@ def choose(
         n = request.cpu_processes
         if request.parallelism == "single" and n > 1:
             raise BadInput(f"PARALLELISM=single runs one process but CPU_PROCESSES={n}; use PARALLELISM=ddp")
-        mode: Mode = "ddp" if n > 1 else "single"
-        return mode, [], n, f"CPU_PROCESSES={n}: {n} CPU process(es), gloo"
+        total = n * nodes
+        mode: Mode = "ddp" if total > 1 else "single"
+        return mode, [], total, f"CPU_PROCESSES={n}: {n} CPU process(es){across}, gloo"
 
     if not gpus:
         if request.num_gpus is not None or request.parallelism in ("ddp", "model"):
@@ -129,16 +140,27 @@ def choose(
                 f"no GPU is visible and recipe {name} is meant for a GPU: did the container get "
                 f"--gpus all? Set ALLOW_CPU=1 to train on the CPU anyway (only tiny models make sense)"
             )
+        if nodes > 1:
+            raise BadInput(
+                f"no GPU is visible on this machine of a {nodes}-machine job; give the pod GPUs, or set "
+                f"CPU_PROCESSES to train on the CPU"
+            )
         return "single", [], 1, "no GPU visible; the recipe allows the CPU"
 
-    wanted = request.num_gpus if request.num_gpus is not None else len(gpus)
+    if request.num_gpus is not None:
+        wanted, asked = request.num_gpus, "NUM_GPUS"
+    elif cluster.nproc_per_node is not None:
+        wanted, asked = cluster.nproc_per_node, "PET_NPROC_PER_NODE"
+    else:
+        wanted, asked = len(gpus), "NUM_GPUS"
     if wanted > len(gpus):
         ids = ",".join(g.id for g in gpus)
         raise BadInput(
-            f"NUM_GPUS={wanted} but only {len(gpus)} GPU(s) are visible ({ids}); lower NUM_GPUS "
-            f"or expose more GPUs (--gpus all, CUDA_VISIBLE_DEVICES)"
+            f"{asked}={wanted} but only {len(gpus)} GPU(s) are visible ({ids}); lower {asked} "
+            f"or expose more GPUs (--gpus all, CUDA_VISIBLE_DEVICES, nvidia.com/gpu)"
         )
     chosen = gpus[:wanted]
+    total = wanted * nodes
     one = chosen[0].memory_gib
     size = f"~{est.total_gib} GiB" if est.params_b is not None else "an unknown size"
 
@@ -150,17 +172,23 @@ def choose(
             )
         return "single", chosen[:1], 1, "PARALLELISM=single"
     if request.parallelism == "ddp":
-        if wanted == 1:
+        if total == 1:
             return "single", chosen, 1, "PARALLELISM=ddp with one GPU is a single-process run"
-        return "ddp", chosen, wanted, f"PARALLELISM=ddp over {wanted} GPUs"
+        return "ddp", chosen, total, f"PARALLELISM=ddp over {wanted} GPU(s){across}"
     if request.parallelism == "model":
         return "model", chosen, 1, f"PARALLELISM=model: one process, the model split over {wanted} GPU(s)"
 
     # auto
     if memory.fits(est.total_gib, one):
-        if wanted == 1:
+        if total == 1:
             return "single", chosen, 1, f"auto: the model ({size}) fits one GPU and one GPU is in use"
-        return "ddp", chosen, wanted, f"auto: the model ({size}) fits one GPU, so data parallel over {wanted}"
+        return "ddp", chosen, total, f"auto: the model ({size}) fits one GPU, so data parallel over {wanted}{across}"
+    if nodes > 1:
+        raise BadInput(
+            f"recipe {name} needs {size}, more than one {one:g} GiB GPU, and model parallel cannot span "
+            f"the {nodes} machines of this job; use a 4-bit load (model.load_in=4bit) or a shorter "
+            f"model.max_seq_length so that data parallel fits, or run model parallel on one machine"
+        )
     total_memory = sum(g.memory_gib or 0 for g in chosen)
     if not memory.fits(est.total_gib, total_memory):
         raise BadInput(
@@ -182,20 +210,23 @@ def device_map_for(mode: Mode, device: str) -> Any:
     return {"single": {"": 0}, "ddp": {"": "LOCAL_RANK"}, "model": "balanced"}[mode]
 
 
-def accelerate_config(num_processes: int, gpus: list[Gpu], precision: str) -> dict[str, Any]:
-    """A single-machine DDP config that accelerate's own loader accepts."""
+def accelerate_config(num_processes: int, gpus: list[Gpu], precision: str, cluster: Cluster) -> dict[str, Any]:
+    """A DDP config that accelerate's own loader accepts: one machine, or one of several."""
+    several = cluster.nnodes > 1
     return {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "MULTI_GPU",
-        "num_machines": 1,
-        "machine_rank": 0,
-        "num_processes": num_processes,
+        "num_machines": cluster.nnodes,
+        "machine_rank": cluster.node_rank,
+        "num_processes": num_processes,  # in total, over every machine
         # accelerate turns gpu_ids into CUDA_VISIBLE_DEVICES for the children, so these are the
         # ids as the parent sees them (indices or UUIDs), not renumbered ones.
         "gpu_ids": ",".join(g.id for g in gpus) if gpus else "all",
         "mixed_precision": precision,
-        "main_process_port": 0,  # 0: accelerate picks a free port at launch
-        "rdzv_backend": "static",
+        # One machine: 0 lets accelerate pick a free port. Several: every machine must agree.
+        "main_process_ip": cluster.master_addr if several else None,
+        "main_process_port": cluster.master_port if several else 0,
+        "rdzv_backend": cluster.rdzv_backend,
         "same_network": True,
         "use_cpu": False,
         "main_training_function": "main",
@@ -237,7 +268,9 @@ def make(
     device = "cuda" if chosen else "cpu"
     precision = mixed_precision(loaded.recipe.model.dtype, chosen)
     out = output_dir_for(loaded, request, cwd)
-    launch_dir = out / "launch"
+    cluster = request.cluster
+    # Machines of one job may share the output folder: each writes its own launch files.
+    launch_dir = out / "launch" / (f"node-{cluster.node_rank}" if cluster.nnodes > 1 else "")
     recipe_file = launch_dir / "recipe.yaml"
     resolved = loaded.recipe.model_copy(update={"output": loaded.recipe.output.model_copy(update={"dir": str(out)})})
 
@@ -245,7 +278,7 @@ def make(
     files = {str(recipe_file): f"# resolved from {loaded.path} {' '.join(loaded.overrides)}\n" + to_yaml(resolved)}
     config = None
     if mode == "ddp":
-        config = accelerate_config(processes, chosen, precision)
+        config = accelerate_config(processes, chosen, precision, cluster)
         config_file = launch_dir / "accelerate_config.yaml"
         files[str(config_file)] = yaml.safe_dump(config, sort_keys=False)
         command = [python, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *program]
@@ -268,8 +301,8 @@ def make(
         reason=reason,
         device=device,
         num_processes=processes,
-        num_machines=1,
-        machine_rank=0,
+        num_machines=cluster.nnodes,
+        machine_rank=cluster.node_rank,
         gpu_ids=[g.id for g in chosen],
         mixed_precision=precision,
         device_map=device_map_for(mode, device),
@@ -277,6 +310,7 @@ def make(
         accelerate_config=config,
         command=command,
         env=child_env(mode, chosen, environ),
+        env_unset=[name for name in CLUSTER_VARIABLES if name in environ],
         memory=est.as_dict(),
         warnings=warnings,
         files=files,

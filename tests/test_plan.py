@@ -159,9 +159,12 @@ def test_any_mode_inside_another_launcher_is_refused():
 
 
 def test_cluster_variables_are_not_mistaken_for_a_launcher():
-    # Kubeflow's PyTorchJob sets these on every pod; they are not per-process variables.
-    p = make({"PARALLELISM": "model", "WORLD_SIZE": "8", "RANK": "0"}, INVENTORIES["2x80"])
-    assert p.mode == "model"
+    # A one-pod PyTorchJob with nprocPerNode 4: WORLD_SIZE and RANK are set on the pod itself.
+    env = {"PARALLELISM": "model", "WORLD_SIZE": "4", "RANK": "0", "PET_NPROC_PER_NODE": "4", "MASTER_ADDR": "m-0"}
+    p = make(env, INVENTORIES["4x80"])
+    assert (p.mode, p.num_machines) == ("model", 1)
+    # The single-process child must not see them, or it would believe it is one rank of four.
+    assert {"WORLD_SIZE", "RANK", "MASTER_ADDR", "PET_NPROC_PER_NODE"} <= set(p.env_unset)
 
 
 @pytest.mark.parametrize(
