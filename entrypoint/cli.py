@@ -5,6 +5,7 @@
     python -m entrypoint list
     python -m entrypoint show RECIPE [key=value ...]
     python -m entrypoint validate FILE|RECIPE [key=value ...]
+    python -m entrypoint doctor [--json]
 
 RECIPE is a bundled name or a path to a YAML file; the RECIPE variable serves when the
 command line names none. Any bad input ends with one `error:` line and exit status 2.
@@ -13,18 +14,19 @@ command line names none. Any bad input ends with one `error:` line and exit stat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 
-from entrypoint import environment, gpus, launch
+from entrypoint import doctor, environment, gpus, launch
 from entrypoint.plan import Plan, make
 from recipes import catalog
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 
-COMMANDS = ("run", "plan", "list", "show", "validate")
+COMMANDS = ("run", "plan", "list", "show", "validate", "doctor")
 
 ENV_HELP = """environment:
   PARALLELISM    auto (default) | single | ddp | model (balanced, model-parallel, mp)
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             cmd.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     sub.add_parser("list", help="list the bundled recipes")
+    doctor_cmd = sub.add_parser("doctor", help="GPUs, versions, shm and limits; warns about known stalls")
+    doctor_cmd.add_argument("--json", action="store_true", help="print the facts as one JSON object")
     recipe_command("show", "print a recipe as resolved (defaults and overrides applied)")
     recipe_command("validate", "check a recipe and its local data; print the resolved recipe")
     return parser
@@ -154,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "list":
             list_recipes()
+            return 0
+        if args.command == "doctor":
+            facts = doctor.collect(os.environ)
+            print(json.dumps(dataclasses.asdict(facts), indent=2) if args.json else doctor.render(facts))
             return 0
         if args.command in ("show", "validate"):
             request = environment.read(os.environ)
