@@ -1,17 +1,25 @@
-"""A first per-GPU memory estimate, from parameter count and how the weights are loaded.
+"""Per-GPU memory of a recipe when one GPU holds the whole model.
 
-Good enough to tell "fits one GPU" from "needs several"; it is deliberately simple and
-errs on the large side. Parameter count: exact for random-init shapes, `model.size_b` when
-the recipe gives it, else read from the model name ("Llama-3.1-8B" -> 8, "Mixtral-8x7B" -> 56).
-Calibrated against Unsloth's measured peaks on one H100 (1.1B Llama, batch 4 x 2048):
-2.85 GiB for bf16 LoRA, 1.55 GiB for 4-bit QLoRA (shared/notes/unsloth-2026.10.md).
+Two levels of detail:
+- from the model's config.json (a random-init shape, a local model folder, or the Hugging
+  Face cache; the hub is never contacted, so planning stays instant and offline): embeddings
+  in 16 bits, every linear layer at its load type, LoRA's exact trainable parameters for the
+  recipe's rank and target modules, activations from the hidden size;
+- otherwise from the parameter count (`model.size_b`, or the name: "Llama-3.1-8B" -> 8,
+  "Mixtral-8x7B" -> 56) with average bytes per parameter.
+The constants are fitted to Unsloth's peaks measured on one H100 (docs/benchmarks/memory.md
+compares the two); the CUDA context is added on top for the "does it fit" decision.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from recipes.schema import Recipe
 
@@ -28,6 +36,10 @@ FULL_FT_EXTRA_DEFAULT = 10.0  # grads + fp32 moments
 # Activations per token with Unsloth's offloaded gradient checkpointing, at 1.1B parameters;
 # they grow with the hidden size, roughly the square root of the parameter count.
 ACTIVATION_BYTES_PER_TOKEN_1B = 100_000
+# From config.json: bytes per linear weight (nf4 + double-quantised constants; int8 + scales).
+LINEAR_BYTES = {"4bit": 0.53, "8bit": 1.03, "16bit": 2.0}
+# Activations per token per unit of hidden size, with Unsloth's offloaded checkpointing.
+ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN = 56
 CUDA_OVERHEAD_GIB = 1.0  # context, cuBLAS workspace, allocator slack
 USABLE_FRACTION = 0.92  # never plan to fill a GPU to the last byte
 
@@ -58,8 +70,6 @@ def params_from_name(name: str) -> float | None:
 
 def parameter_count_b(recipe: Recipe) -> tuple[float | None, str]:
     model = recipe.model
-    if model.random_init is not None:
-        return model.random_init.parameter_count() / 1e9, "random_init shape"
     if model.size_b is not None:
         return model.size_b, "model.size_b"
     from_name = params_from_name(model.name)
@@ -68,7 +78,136 @@ def parameter_count_b(recipe: Recipe) -> tuple[float | None, str]:
     return None, "unknown (set model.size_b)"
 
 
-def estimate(recipe: Recipe) -> Estimate:
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs from a decoder's config.json."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    experts: int = 1
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> Shape | None:
+        config = config.get("text_config", config)  # multimodal wrappers keep the decoder inside
+        try:
+            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            return cls(
+                vocab=int(config["vocab_size"]),
+                hidden=hidden,
+                intermediate=int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+                layers=int(config["num_hidden_layers"]),
+                heads=heads,
+                kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                tied=bool(config.get("tie_word_embeddings", False)),
+                experts=int(config.get("num_local_experts") or config.get("num_experts") or 1),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def linears(self) -> dict[str, tuple[int, int, int]]:
+        """Per layer: module -> (in, out, copies)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        e = self.experts
+        return {
+            "q_proj": (self.hidden, q, 1),
+            "k_proj": (self.hidden, kv, 1),
+            "v_proj": (self.hidden, kv, 1),
+            "o_proj": (q, self.hidden, 1),
+            "gate_proj": (self.hidden, self.intermediate, e),
+            "up_proj": (self.hidden, self.intermediate, e),
+            "down_proj": (self.intermediate, self.hidden, e),
+        }
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def linear_params(self) -> int:
+        return self.layers * sum(i * o * c for i, o, c in self.linears().values())
+
+    def lora_params(self, r: int, targets: list[str]) -> int:
+        per_layer = sum(r * (i + o) * c for name, (i, o, c) in self.linears().items() if name in targets)
+        # embed_tokens / lm_head in the targets are trained in full (Unsloth's modules_to_save).
+        full = self.vocab * self.hidden * sum(1 for name in ("embed_tokens", "lm_head") if name in targets)
+        return self.layers * per_layer + full
+
+
+def _cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
+    """config.json of a local model folder, or of the newest snapshot in the Hugging Face cache."""
+    local = Path(name).expanduser() / "config.json"
+    candidates = [local]
+    hub_cache = environ.get("HF_HUB_CACHE") or str(
+        Path(environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    )
+    if "/" in name and not name.startswith(("/", ".")):
+        snapshots = Path(hub_cache) / f"models--{name.replace('/', '--')}" / "snapshots"
+        if snapshots.is_dir():
+            candidates += sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def shape_of(recipe: Recipe, environ: Mapping[str, str]) -> tuple[Shape | None, str]:
+    spec = recipe.model.random_init
+    if spec is not None:
+        shape = Shape(
+            vocab=spec.vocab_size,
+            hidden=spec.hidden_size,
+            intermediate=spec.intermediate_size,
+            layers=spec.num_hidden_layers,
+            heads=spec.num_attention_heads,
+            kv_heads=spec.num_key_value_heads or spec.num_attention_heads,
+            head_dim=spec.hidden_size // spec.num_attention_heads,
+            tied=False,
+        )
+        return shape, "random_init shape"
+    config = _cached_config(recipe.model.name, environ)
+    shape = Shape.from_config(config) if config else None
+    return shape, (f"config.json of {recipe.model.name}" if shape else "")
+
+
+def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
+    model, training = recipe.model, recipe.training
+    embeddings, linears = shape.embedding_params(), shape.linear_params()
+    params = embeddings + linears
+    if model.full_finetuning:
+        weights = params * WEIGHT_BYTES["16bit"]
+        trainable = params * FULL_FT_EXTRA_BYTES.get(training.optimizer, FULL_FT_EXTRA_DEFAULT)
+    else:
+        assert recipe.lora is not None
+        weights = embeddings * WEIGHT_BYTES["16bit"] + linears * LINEAR_BYTES[model.load_in]
+        trainable = shape.lora_params(recipe.lora.r, recipe.lora.target_modules) * TRAINABLE_BYTES
+    tokens = training.per_device_batch_size * model.max_seq_length
+    activations = tokens * shape.hidden * ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN
+    return _estimate(params / 1e9, weights, trainable, activations, source)
+
+
+def _estimate(params_b: float, weights: float, trainable: float, activations: float, source: str) -> Estimate:
+    total = (weights + trainable + activations) / GIB + CUDA_OVERHEAD_GIB
+    return Estimate(
+        params_b=round(params_b, 4),
+        weights_gib=round(weights / GIB, 2),
+        trainable_gib=round(trainable / GIB, 2),
+        activations_gib=round(activations / GIB, 2),
+        total_gib=round(total, 2),
+        source=source,
+    )
+
+
+def estimate(recipe: Recipe, environ: Mapping[str, str] | None = None) -> Estimate:
+    shape, source = shape_of(recipe, os.environ if environ is None else environ)
+    if shape is not None:
+        return estimate_from_shape(recipe, shape, source)
     params_b, source = parameter_count_b(recipe)
     if params_b is None:
         return Estimate(None, 0.0, 0.0, 0.0, 0.0, source)
@@ -82,15 +221,7 @@ def estimate(recipe: Recipe) -> Estimate:
         trainable = params * LORA_SHARE_AT_R16 * (recipe.lora.r / 16) * TRAINABLE_BYTES
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * ACTIVATION_BYTES_PER_TOKEN_1B * math.sqrt(max(params_b, 0.001) / 1.1)
-    total = (weights + trainable + activations) / GIB + CUDA_OVERHEAD_GIB
-    return Estimate(
-        params_b=round(params_b, 4),
-        weights_gib=round(weights / GIB, 2),
-        trainable_gib=round(trainable / GIB, 2),
-        activations_gib=round(activations / GIB, 2),
-        total_gib=round(total, 2),
-        source=source,
-    )
+    return _estimate(params_b, weights, trainable, activations, source)
 
 
 def fits(total_gib: float, memory_gib: float | None) -> bool:

@@ -263,7 +263,7 @@ def make(
     python: str = sys.executable,
 ) -> Plan:
     exports.check_possible(loaded.recipe, environ)
-    est = memory.estimate(loaded.recipe)
+    est = memory.estimate(loaded.recipe, environ)
     mode, chosen, processes, reason = choose(request, loaded, gpus, est)
     device = "cuda" if chosen else "cpu"
     precision = mixed_precision(loaded.recipe.model.dtype, chosen)
