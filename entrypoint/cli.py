@@ -112,9 +112,9 @@ def print_plan(plan: Plan) -> None:
     mem = plan.memory
     if mem["params_b"] is not None:
         print(
-            f"memory      ~{mem['total_gib']} GiB per model copy ({mem['params_b']}B parameters from "
-            f"{mem['source']}: weights {mem['weights_gib']}, trainable {mem['trainable_gib']}, "
-            f"activations {mem['activations_gib']})"
+            f"memory      ~{mem['per_gpu_gib']} GiB per GPU ({mem['params_b']}B parameters from {mem['source']}; "
+            f"one copy: weights {mem['weights_gib']}, trainable {mem['trainable_gib']}, "
+            f"activations {mem['activations_gib']}, total {mem['total_gib']})"
         )
     print(f"output      {plan.output_dir}")
     for warning in plan.warnings:

@@ -204,6 +204,16 @@ def choose(
     )
 
 
+def per_gpu_gib(est: memory.Estimate, mode: Mode, gpu_count: int) -> float | None:
+    """Model parallel splits weights and trainable state over the GPUs; activations move along."""
+    if est.params_b is None:
+        return None
+    if mode != "model" or gpu_count <= 1:
+        return est.total_gib
+    split = (est.weights_gib + est.trainable_gib) / gpu_count
+    return round(split + est.activations_gib + memory.CUDA_OVERHEAD_GIB, 2)
+
+
 def device_map_for(mode: Mode, device: str) -> Any:
     if device == "cpu":
         return "cpu"
@@ -311,7 +321,7 @@ def make(
         command=command,
         env=child_env(mode, chosen, environ),
         env_unset=[name for name in CLUSTER_VARIABLES if name in environ],
-        memory=est.as_dict(),
+        memory=est.as_dict() | {"per_gpu_gib": per_gpu_gib(est, mode, len(chosen))},
         warnings=warnings,
         files=files,
     )
