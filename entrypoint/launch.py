@@ -3,13 +3,16 @@
 The child runs in its own process group; SIGINT, SIGTERM and SIGHUP sent to the launcher
 (Docker and Kubernetes send SIGTERM to PID 1) are forwarded to that whole group, so
 `accelerate launch`, torchrun and every rank get them, and the launcher exits with the
-child's status (128 + signal number when a signal ended it, as a shell reports it).
+child's status (128 + signal number when a signal ended it, as a shell reports it). After
+the launcher has passed on a signal, any failure is reported as 128 + that signal: torchrun's
+agent turns its own SIGTERM into exit 1 even when every rank checkpointed and stopped cleanly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -48,7 +51,20 @@ def check_writable(folder: Path) -> None:
         ) from None
 
 
+def check_space(folder: Path, needed_gib: float) -> None:
+    """BadInput when the disk cannot hold what the run will write (adapter, checkpoints, exports)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # before creating anything
+    free_gib = shutil.disk_usage(existing).free / 1024**3
+    if free_gib < needed_gib:
+        raise BadInput(
+            f"output folder {str(folder)!r} has {free_gib:.1f} GiB free but the run will write ~{needed_gib:g} GiB "
+            f"(adapter, checkpoints, exports); free space there, point OUTPUTS_DIR at a larger volume, "
+            f"or lower output.keep_checkpoints"
+        )
+
+
 def write_files(plan: Plan) -> None:
+    check_space(Path(plan.output_dir), plan.disk_gib)
     check_writable(Path(plan.output_dir))
     for path, text in plan.files.items():
         write_atomically(Path(path), text)
@@ -66,7 +82,10 @@ def execute(plan: Plan, started_at: float) -> int:
         env.pop(name, None)
     child = subprocess.Popen(plan.command, env=env, start_new_session=True)
 
+    forwarded: list[int] = []
+
     def forward(signum: int, _frame: FrameType | None) -> None:
+        forwarded.append(signum)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signum)
 
@@ -76,4 +95,5 @@ def execute(plan: Plan, started_at: float) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return exit_status(returncode)
+    status = exit_status(returncode)
+    return 128 + forwarded[0] if forwarded and status != 0 else status

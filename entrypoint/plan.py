@@ -55,6 +55,7 @@ class Plan:
     env: dict[str, str]
     env_unset: list[str]  # cluster variables the launcher consumed; the child must not see them
     memory: dict[str, Any]
+    disk_gib: float = 0.1  # free space the outputs need, checked before anything starts
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # path -> text, written by the act step
 
@@ -214,6 +215,15 @@ def per_gpu_gib(est: memory.Estimate, mode: Mode, gpu_count: int) -> float | Non
     return round(split + est.activations_gib + memory.CUDA_OVERHEAD_GIB, 2)
 
 
+def disk_needed_gib(est: memory.Estimate, loaded: LoadedRecipe) -> float:
+    """Adapter and checkpoints (trainable weights with optimizer state), plus exports."""
+    out = loaded.recipe.output
+    copies = 1 + (out.keep_checkpoints if out.save_steps else 0)
+    params_gib = (est.params_b or 0) * 1e9 / memory.GIB
+    exports = 2 * params_gib * ("merged_16bit" in out.save) + 3 * params_gib * ("gguf" in out.save)
+    return round(est.trainable_gib * copies + exports + 0.1, 2)
+
+
 def device_map_for(mode: Mode, device: str) -> Any:
     if device == "cpu":
         return "cpu"
@@ -322,6 +332,7 @@ def make(
         env=child_env(mode, chosen, environ),
         env_unset=[name for name in CLUSTER_VARIABLES if name in environ],
         memory=est.as_dict() | {"per_gpu_gib": per_gpu_gib(est, mode, len(chosen))},
+        disk_gib=disk_needed_gib(est, loaded),
         warnings=warnings,
         files=files,
     )

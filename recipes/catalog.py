@@ -9,6 +9,7 @@ the result is validated by the schema like the file itself.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from recipes import formats
 from recipes.errors import BadInput, closest, format_validation_error
-from recipes.schema import Recipe
+from recipes.schema import SAFE_NAME, Recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent
 
@@ -159,6 +160,11 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Load
     base = path.resolve().parent
     updates: dict[str, Any] = {}
     if recipe.name is None:
+        if not re.match(SAFE_NAME, path.stem):
+            raise BadInput(
+                f"recipe file name {path.name!r} is not usable as a run name (letters, digits, '.', '_', '-'); "
+                f"rename the file or set name: in it"
+            )
         updates["name"] = path.stem
     source = _absolute_if_local(recipe.data.source, base)
     if formats.looks_local(source) and not Path(source).exists():

@@ -144,6 +144,9 @@ class TrainingConfig(Strict):
     optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = "adamw_8bit"
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     dpo_beta: Annotated[float, Field(gt=0)] = 0.1
+    collective_timeout_s: PositiveInt = Field(
+        default=1800, description="a rank waiting longer than this in a collective fails the job"
+    )
 
     @field_validator("max_steps")
     @classmethod
@@ -167,8 +170,12 @@ class LoggingConfig(Strict):
     steps: PositiveInt = 10
 
 
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
 class Recipe(Strict):
-    name: str | None = Field(default=None, description="default: the file name without .yaml")
+    # The name becomes a folder under OUTPUTS_DIR: no separators, no "..", nothing a shell reads.
+    name: str | None = Field(default=None, pattern=SAFE_NAME, description="default: the file name without .yaml")
     description: str = ""
     allow_cpu: bool = Field(default=False, description="may train without a GPU (only tiny models make sense)")
     model: ModelConfig

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipes import catalog, data, exports, progress
+from recipes import catalog, data, exports, preemption, progress
 from recipes.errors import EXIT_BAD_INPUT, BadInput, closest
 from recipes.schema import Recipe
 
@@ -150,6 +150,7 @@ def trainer_config(recipe: Recipe, out: Path, precision: str) -> dict[str, Any]:
         save_total_limit=o.keep_checkpoints,
         dataloader_num_workers=0,
         max_length=recipe.model.max_seq_length,
+        ddp_timeout=t.collective_timeout_s,
     )
 
 
@@ -171,6 +172,33 @@ def make_trainer(recipe: Recipe, model, tokenizer, dataset, out: Path, precision
         completion_only_loss=recipe.data.train_on_responses_only or None,
     )
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+
+
+def fix_cpu_ddp_resume(trainer) -> None:
+    """transformers (5.17) loads the optimizer state of a multi-process run with
+    map_location=args.device, which on the CPU is "cpu:0": torch.load cannot restore to that, so
+    resuming CPU DDP fails. Map it to "cpu" while that one method runs; GPU runs are untouched."""
+    import torch
+
+    if torch.cuda.is_available() or trainer.args.world_size <= 1:
+        return
+    original = trainer._load_optimizer_and_scheduler
+
+    def load(checkpoint):
+        real_load = torch.load
+
+        def cpu_load(*args, **kwargs):
+            if "map_location" in kwargs:
+                kwargs["map_location"] = "cpu"
+            return real_load(*args, **kwargs)
+
+        torch.load = cpu_load
+        try:
+            return original(checkpoint)
+        finally:
+            torch.load = real_load
+
+    trainer._load_optimizer_and_scheduler = load
 
 
 def newest_checkpoint(folder: Path, max_steps: int) -> str | None:
@@ -243,9 +271,16 @@ def run(args: argparse.Namespace) -> int:
     record = progress.make_recorder(world_size)
     trainer = make_trainer(recipe, model, tokenizer, dataset, out, args.mixed_precision, [record])
     record.counter = progress.count_tokens(trainer)
+    stopper = preemption.make_callback(world_size)
+    trainer.add_callback(stopper)
+    stopper.install()
+    fix_cpu_ddp_resume(trainer)
     if resume and trainer.accelerator.is_main_process:
         print(f"resuming from {resume} (output.resume=false starts fresh)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
+
+    if stopper.stopped_at is not None:
+        return preempted(trainer, record, recipe, out, stopper.stopped_at)
 
     # Every rank hashes its weights; the main process records them all (they must be equal).
     from accelerate.utils import gather_object
@@ -294,20 +329,54 @@ def run(args: argparse.Namespace) -> int:
             f"{metrics['tokens_per_second']} tokens/s, {wall:.1f}s; saved {out / final}",
             flush=True,
         )
+    close(trainer)
+    return 0
+
+
+def preempted(trainer, record, recipe: Recipe, out: Path, step: int) -> int:
+    """SIGTERM: the checkpoint of this step is saved; note it and exit 143 like a terminated process."""
+    if trainer.accelerator.is_main_process:
+        checkpoint = out / "checkpoints" / f"checkpoint-{step}"
+        write_json_atomically(
+            out / "metrics.json",
+            {
+                "recipe": recipe.name,
+                "interrupted": "SIGTERM",
+                "steps": step,
+                "checkpoint": str(checkpoint),
+                "losses": record.losses,
+                "wall_time_s": round(time.time() - STARTED, 3),
+            },
+        )
+        print(f"preempted: saved {checkpoint}; run the same recipe again to resume from it", flush=True)
+    close(trainer)
+    return preemption.EXIT_PREEMPTED
+
+
+def close(trainer) -> None:
+    import torch
+
     trainer.accelerator.wait_for_everyone()
     # Left to interpreter shutdown, gloo's threads can abort the process ("terminate called
     # without an active exception") after a successful run; close the group while all ranks live.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(parse_args(argv))
+        status = run(parse_args(argv))
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every output is written and closed and the process group destroyed. Under load, a rank's
+        # interpreter teardown can still abort in a native thread's destructor ("terminate called
+        # without an active exception", SIGABRT), failing a finished job; leave without teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""Preemption: on SIGTERM (what Kubernetes sends, then SIGKILL after the grace period, 30 s by
+default) the run saves a checkpoint at the end of the current step and stops; the next run of
+the same recipe resumes from it.
+
+Under DDP every rank must stop at the same step, or the others would wait forever in the next
+gradient all-reduce. The launcher signals the whole process group, but the ranks may see the
+signal at different steps, so each step starts an asynchronous all-reduce of "was I asked to
+stop?" and the next step reads its result: all ranks read the same value at the same step, and
+nothing waits on the GPU in between.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+
+def make_callback(world_size: int):
+    from transformers import TrainerCallback
+
+    class StopOnSigterm(TrainerCallback):
+        def __init__(self) -> None:
+            self.asked = False  # this rank received SIGTERM
+            self.stopped_at: int | None = None  # the step whose checkpoint was saved
+            self._pending = None  # (work handle, tensor) of the previous step's agreement
+
+        def install(self) -> None:
+            def ask(signum: int, _frame: FrameType | None) -> None:
+                self.asked = True
+
+            signal.signal(signal.SIGTERM, ask)
+
+        def _agreed(self) -> bool:
+            if world_size <= 1:
+                return self.asked
+            import torch
+            import torch.distributed as dist
+
+            decided = False
+            if self._pending is not None:
+                work, flag = self._pending
+                work.wait()
+                decided = bool(flag.item())
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([1 if self.asked else 0], device=device)
+            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+            return decided
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._agreed():
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self._pending is not None:  # leave no collective in flight
+                self._pending[0].wait()
+                self._pending = None
+
+    return StopOnSigterm()
+
+
+EXIT_PREEMPTED = 128 + signal.SIGTERM

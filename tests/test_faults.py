@@ -1,0 +1,166 @@
+"""Faults: preemption (SIGTERM as Kubernetes sends it), a dead rank, a full disk, and inputs
+that must not reach a path or a shell. Training jobs run for hours on preemptible machines:
+none of these may cost progress or hang."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, clean_env, write_recipe
+
+from entrypoint import environment, gpus, launch, plan
+from recipes import catalog
+from recipes.errors import BadInput
+
+GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds
+
+
+def start(tmp_path: Path, *overrides: str, **env: str) -> subprocess.Popen:
+    log = (tmp_path / "launcher.log").open("a")
+    return subprocess.Popen(
+        [sys.executable, "-m", "entrypoint", "run", "smoke", *overrides],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(ROOT), **env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_until_training(out: Path, launcher: subprocess.Popen, seconds: float = 120) -> None:
+    """TensorBoard's event file appears when the first step begins."""
+    deadline = time.time() + seconds
+    while not list((out / "tensorboard").glob("events.*")):
+        assert launcher.poll() is None, "the run ended before training began"
+        assert time.time() < deadline, "training never began"
+        time.sleep(0.2)
+    time.sleep(1.5)  # some steps in
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sigterm_mid_training_checkpoints_exits_143_within_the_grace_period_and_the_next_run_resumes(
+    tmp_path, processes
+):
+    out = tmp_path / "outputs" / "smoke"
+    launcher = start(tmp_path, "training.max_steps=20000", "logging.steps=1", CPU_PROCESSES=processes)
+    wait_until_training(out, launcher)
+    sent = time.time()
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=GRACE_S) == 128 + signal.SIGTERM
+    assert time.time() - sent < GRACE_S
+    stopped = metrics(out)
+    assert stopped["interrupted"] == "SIGTERM" and not (out / "adapter").exists()
+    checkpoint = Path(stopped["checkpoint"])
+    assert checkpoint.is_dir() and stopped["steps"] > 0
+    # Every rank stopped at the same step: each left its RNG state in the same checkpoint.
+    assert sorted(p.name for p in checkpoint.glob("rng_state*")) == (
+        ["rng_state.pth"] if processes == "1" else ["rng_state_0.pth", "rng_state_1.pth"]
+    )
+
+    step = stopped["steps"]
+    again = start(tmp_path, f"training.max_steps={step + 10}", "logging.steps=5", CPU_PROCESSES=processes)
+    assert again.wait(timeout=300) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+    resumed = metrics(out)
+    assert resumed["resumed_from"] == str(checkpoint) and resumed["steps"] == step + 10
+    assert all(s > step for s, _ in resumed["losses"])
+    assert resumed["final_loss"] < stopped["losses"][0][1], "the loss continues instead of starting over"
+
+
+def ranks_of(marker: str) -> dict[str, int]:
+    """LOCAL_RANK -> pid of the training processes whose environment holds the marker."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"recipes.train" in cmdline and marker.encode() in b"\0".join(environ):
+            local = next((v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"LOCAL_RANK=")), None)
+            if local is not None:
+                found[local] = int(entry.name)
+    return found
+
+
+@pytest.mark.e2e
+def test_a_dead_rank_ends_the_whole_job_promptly_instead_of_hanging(tmp_path):
+    out = tmp_path / "outputs" / "smoke"
+    marker = str(tmp_path / "outputs")  # in every rank's environment, so this run's ranks can be found
+    launcher = start(
+        tmp_path, "training.max_steps=20000", "training.collective_timeout_s=60", CPU_PROCESSES="2", OUTPUTS_DIR=marker
+    )
+    wait_until_training(out, launcher)
+    ranks = ranks_of(marker)
+    assert set(ranks) == {"0", "1"}
+    killed = time.time()
+    os.kill(ranks["1"], signal.SIGKILL)
+    status = launcher.wait(timeout=120)
+    assert status != 0 and time.time() - killed < 60
+    assert not (out / "adapter").exists()
+    assert all(not Path(f"/proc/{pid}").exists() for pid in ranks.values()), "no rank is left running"
+
+
+def test_the_collective_timeout_reaches_the_trainer():
+    from recipes.train import trainer_config
+
+    recipe = catalog.load("smoke", ["training.collective_timeout_s=90"]).recipe
+    assert trainer_config(recipe, Path("/tmp/x"), "no")["ddp_timeout"] == 90
+
+
+def test_a_disk_too_small_for_the_outputs_is_reported_before_anything_is_written(tmp_path):
+    env = {"OUTPUTS_DIR": str(tmp_path / "runs")}
+    p = plan.make(environment.read(env), catalog.load("smoke"), [], env, str(tmp_path))
+    with pytest.raises(BadInput, match=r"GiB free but the run will write ~1e\+06 GiB"):
+        launch.write_files(dataclasses.replace(p, disk_gib=1e6))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_plan_counts_exports_and_checkpoints_in_the_disk_it_needs():
+    gpu = gpus.assumed("1x80")
+    plain = plan.make(environment.read({}), catalog.load("mistral-7b-lora-alpaca"), gpu, {}, "/w")
+    more = ["output.save=[adapter,merged_16bit]", "output.save_steps=5", "output.keep_checkpoints=3"]
+    big = plan.make(environment.read({}), catalog.load("mistral-7b-lora-alpaca", more), gpu, {}, "/w")
+    assert big.disk_gib > plain.disk_gib + 13  # the merged 16-bit copy of 7B parameters alone
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "x; rm -rf ~", "$(reboot)", "", ".hidden"])
+def test_a_recipe_name_cannot_escape_the_output_folder_or_reach_a_shell(tmp_path, name):
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    path = write_recipe(
+        tmp_path, "r", f"name: {json.dumps(name)}\nmodel: {{name: a/b}}\ndata: {{source: d.jsonl, format: text}}\n"
+    )
+    with pytest.raises(BadInput, match="name"):
+        catalog.load(str(path))
+
+
+def test_a_recipe_file_name_unfit_for_a_folder_is_refused(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    path = write_recipe(tmp_path, "my recipe;x", "model: {name: a/b}\ndata: {source: d.jsonl, format: text}\n")
+    with pytest.raises(BadInput, match="not usable as a run name"):
+        catalog.load(str(path))
+
+
+def test_remote_code_stays_off_unless_a_recipe_asks():
+    assert all(not catalog.load(name).recipe.model.trust_remote_code for name in catalog.bundled())
+    assert catalog.load("smoke", ["model.trust_remote_code=true"]).recipe.model.trust_remote_code
+
+
+def test_the_launcher_never_runs_a_shell():
+    # Commands are argv lists; no module of the launcher or the training program asks for a shell.
+    for path in [*sorted((ROOT / "entrypoint").glob("*.py")), *sorted((ROOT / "recipes").glob("*.py"))]:
+        text = path.read_text()
+        assert "shell=True" not in text and "os.system(" not in text and "os.popen(" not in text, path
