@@ -38,7 +38,7 @@ def _user_turn(row: dict[str, Any]) -> str:
     return f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
 
 
-def shape_row(row: dict[str, Any], data: DataConfig, method: str) -> dict[str, Any]:
+def shape_row(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
     fmt = data.format
     if fmt == "text":
         return {"text": row["text"]}
@@ -56,12 +56,12 @@ def shape_row(row: dict[str, Any], data: DataConfig, method: str) -> dict[str, A
     return {"prompt": messages[:last], "completion": [messages[last]]}
 
 
-def build(data: DataConfig, method: str):
-    """-> (dataset shaped for the trainer, texts for training a tokenizer from scratch)."""
+def build(data: DataConfig):
+    """-> the dataset, every row checked and shaped for the trainer (see the table above)."""
     raw = load_rows(data)
     for number, row in enumerate(raw, start=1):
         formats.check_row(row, data.format, f"data.source {data.source} row {number}")
-    shaped = raw.map(lambda row: shape_row(row, data, method), remove_columns=raw.column_names)
+    shaped = raw.map(lambda row: shape_row(row, data), remove_columns=raw.column_names)
     return shaped
 
 

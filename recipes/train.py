@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     from unsloth import FastLanguageModel
 
     # Data before the model: a bad row must stop the run before minutes of model loading.
-    dataset = data.build(recipe.data, recipe.training.method)
+    dataset = data.build(recipe.data)
 
     cuda = torch.cuda.is_available()
     if cuda and args.mode == "ddp":
