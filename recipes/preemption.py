@@ -7,6 +7,10 @@ gradient all-reduce. The launcher signals the whole process group, but the ranks
 signal at different steps, so each step starts an asynchronous all-reduce of "was I asked to
 stop?" and the next step reads its result: all ranks read the same value at the same step, and
 nothing waits on the GPU in between.
+
+On a GPU the handler was reset between its installation and the first step (seen on an H100:
+the rank then died at once, without a checkpoint), so it is re-asserted at the start of
+training and of every step; a replacement by another handler is reported once.
 """
 
 from __future__ import annotations
@@ -23,12 +27,24 @@ def make_callback(world_size: int):
             self.asked = False  # this rank received SIGTERM
             self.stopped_at: int | None = None  # the step whose checkpoint was saved
             self._pending = None  # (work handle, tensor) of the previous step's agreement
+            self._reported = False
+
+        def _ask(self, signum: int, _frame: FrameType | None) -> None:
+            self.asked = True
 
         def install(self) -> None:
-            def ask(signum: int, _frame: FrameType | None) -> None:
-                self.asked = True
+            current = signal.getsignal(signal.SIGTERM)
+            if current != self._ask:
+                if current not in (signal.SIG_DFL, signal.SIG_IGN, None) and not self._reported:
+                    print(f"preemption: {current!r} had replaced the SIGTERM handler; restored", flush=True)
+                    self._reported = True
+                signal.signal(signal.SIGTERM, self._ask)
 
-            signal.signal(signal.SIGTERM, ask)
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.install()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.install()
 
         def _agreed(self) -> bool:
             if world_size <= 1:
