@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from entrypoint import cli, environment, gpus, plan
 from recipes import catalog
 from recipes.errors import BadInput
+from recipes.schema import Recipe
 
 SMOKE = catalog.load("smoke")
 text = st.text(alphabet=string.ascii_letters + string.digits + " -_.:/=,", max_size=12)
@@ -80,7 +81,8 @@ def test_every_override_is_applied_or_refused_with_a_clear_message(overrides):
     except BadInput as exc:
         assert str(exc)
         return
-    assert loaded.recipe.name == "smoke"
+    recipe = loaded.recipe  # what loads is a valid recipe: it survives the schema once more unchanged
+    assert Recipe.model_validate(recipe.model_dump()) == recipe
 
 
 @pytest.mark.parametrize(
