@@ -79,3 +79,24 @@ def test_an_unknown_chat_template_is_refused_before_the_model_loads(tmp_path):
     done = run_cli("run", "smoke", "data.chat_template=chatm", cwd=tmp_path)
     assert done.returncode == 2 and "did you mean 'chatml'" in done.stderr
     assert not (tmp_path / "outputs" / "smoke" / "adapter").exists()
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_before_the_model_loads(tmp_path):
+    from recipes.random_model import _train_tokenizer
+
+    folder = tmp_path / "no-template-model"  # a tokenizer only: no weights, so nothing could load them
+    tokenizer = _train_tokenizer(["hello there, general kenobi"] * 20, 300)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    rows = tmp_path / "chats.jsonl"
+    rows.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"allow_cpu: true\nmodel: {{name: {folder}, load_in: 16bit}}\ndata: {{source: {rows}, format: messages}}\n"
+    )
+    done = run_cli("run", str(recipe), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "has no chat template" in done.stderr and "data.chat_template" in done.stderr
+    assert "Traceback" not in done.stderr
