@@ -20,22 +20,10 @@ from pathlib import Path
 from types import FrameType
 
 from entrypoint.plan import Plan
+from recipes import atomic
 from recipes.errors import BadInput
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same folder, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_writable(folder: Path) -> None:
@@ -67,7 +55,7 @@ def write_files(plan: Plan) -> None:
     check_space(Path(plan.output_dir), plan.disk_gib)
     check_writable(Path(plan.output_dir))
     for path, text in plan.files.items():
-        write_atomically(Path(path), text)
+        atomic.write_text(Path(path), text)
 
 
 def exit_status(returncode: int) -> int:

@@ -9,10 +9,10 @@ so `check_possible` refuses such a recipe before anything loads.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from recipes import atomic
 from recipes.errors import BadInput
 from recipes.schema import Recipe
 
@@ -39,19 +39,16 @@ def check_possible(recipe: Recipe, environ: Mapping[str, str]) -> None:
 
 
 def write(model, tokenizer, out: Path, recipe: Recipe) -> list[str]:
-    """Write each requested export to a temp folder, then swap it in; return the folders."""
+    """Write each requested export whole (temp folder, then swap it in); return the folders."""
     written = []
     for kind in recipe.output.save:
         if kind == "adapter":
             continue  # saved by the training program itself
         dest = out / kind
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if kind == "merged_16bit":
-            model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
-        else:
-            model.save_pretrained_gguf(str(tmp), tokenizer, quantization_method=recipe.output.gguf_quantization)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        with atomic.folder(dest) as tmp:
+            if kind == "merged_16bit":
+                model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+            else:
+                model.save_pretrained_gguf(str(tmp), tokenizer, quantization_method=recipe.output.gguf_quantization)
         written.append(str(dest))
     return written

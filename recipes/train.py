@@ -14,13 +14,12 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from recipes import catalog, data, exports, preemption, progress
+from recipes import atomic, catalog, data, exports, preemption, progress
 from recipes.errors import EXIT_BAD_INPUT, BadInput, closest
 from recipes.schema import Recipe
 
@@ -104,25 +103,6 @@ def trainable_fingerprint(model) -> str:
             digest.update(name.encode())
             digest.update(param.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def save_atomically(model, tokenizer, dest: Path) -> None:
-    """Write into a temp folder beside dest, then swap it in: a crash never leaves half an adapter."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def trainer_config(recipe: Recipe, out: Path, precision: str) -> dict[str, Any]:
@@ -290,7 +270,9 @@ def run(args: argparse.Namespace) -> int:
     tokens = sum(gather_object([record.counter.tokens]))
     if trainer.accelerator.is_main_process:
         final = "model" if m.full_finetuning else "adapter"
-        save_atomically(trainer.model, tokenizer, out / final)
+        with atomic.folder(out / final) as tmp:  # a crash never leaves half an adapter
+            trainer.model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
         exported = exports.write(trainer.model, tokenizer, out, recipe)
         wall = time.time() - STARTED
         runtime = float(result.metrics.get("train_runtime", 0.0))
@@ -321,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
                 for name in ("unsloth", "torch", "transformers", "trl", "peft", "accelerate")
             },
         }
-        write_json_atomically(out / "metrics.json", metrics)
+        atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         losses = measured["losses"]
         loss_text = f"loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}" if losses else "no loss logged"
         print(
@@ -337,17 +319,15 @@ def preempted(trainer, record, recipe: Recipe, out: Path, step: int) -> int:
     """SIGTERM: the checkpoint of this step is saved; note it and exit 143 like a terminated process."""
     if trainer.accelerator.is_main_process:
         checkpoint = out / "checkpoints" / f"checkpoint-{step}"
-        write_json_atomically(
-            out / "metrics.json",
-            {
-                "recipe": recipe.name,
-                "interrupted": "SIGTERM",
-                "steps": step,
-                "checkpoint": str(checkpoint),
-                "losses": record.losses,
-                "wall_time_s": round(time.time() - STARTED, 3),
-            },
-        )
+        stopped = {
+            "recipe": recipe.name,
+            "interrupted": "SIGTERM",
+            "steps": step,
+            "checkpoint": str(checkpoint),
+            "losses": record.losses,
+            "wall_time_s": round(time.time() - STARTED, 3),
+        }
+        atomic.write_text(out / "metrics.json", json.dumps(stopped, indent=2) + "\n")
         print(f"preempted: saved {checkpoint}; run the same recipe again to resume from it", flush=True)
     close(trainer)
     return preemption.EXIT_PREEMPTED

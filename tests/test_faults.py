@@ -164,3 +164,20 @@ def test_the_launcher_never_runs_a_shell():
     for path in [*sorted((ROOT / "entrypoint").glob("*.py")), *sorted((ROOT / "recipes").glob("*.py"))]:
         text = path.read_text()
         assert "shell=True" not in text and "os.system(" not in text and "os.popen(" not in text, path
+
+
+def test_a_folder_written_atomically_replaces_the_old_one_only_when_complete(tmp_path):
+    from recipes import atomic
+
+    dest = tmp_path / "adapter"
+    dest.mkdir()
+    (dest / "weights").write_text("old")
+    with pytest.raises(RuntimeError), atomic.folder(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("crash mid-save")
+    assert (dest / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    with atomic.folder(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_text("new")
+    assert (dest / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

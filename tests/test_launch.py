@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import ROOT, clean_env
 
 from entrypoint import environment, launch, plan
-from recipes import catalog
+from recipes import atomic, catalog
 
 # A child that starts a grandchild; each records the signal it got and exits with status 7.
 FAMILY = r"""
@@ -85,5 +85,5 @@ def test_the_child_exit_status_becomes_the_launchers(tmp_path):
 
 def test_files_are_written_atomically(tmp_path):
     target = tmp_path / "a" / "b.txt"
-    launch.write_atomically(target, "hello")
+    atomic.write_text(target, "hello")
     assert target.read_text() == "hello" and os.listdir(target.parent) == ["b.txt"]
