@@ -21,6 +21,7 @@ from pathlib import Path
 
 import settings
 
+from entrypoint import memory
 from recipes import progress
 
 BENCH = Path(__file__).resolve().parent
@@ -28,12 +29,10 @@ STACKS = ("launcher", "unsloth", "hf")
 
 
 def recipe_for(size: str, load: str, model: Path, data: Path, steps: int, out: Path) -> str:
-    shape = settings.SHAPES[size]
     return f"""# Benchmark recipe written by bench/throughput.py
 name: bench-{size}-{load}
 model:
   name: {model}
-  size_b: {shape.parameter_count() / 1e9:.3f}
   max_seq_length: {settings.SEQ_LEN}
   load_in: {load}
   dtype: bfloat16
@@ -155,7 +154,10 @@ def main() -> int:
             out.write_text(json.dumps(results, indent=2) + "\n")
     results["machine"] = machine()
     results["settings"] = {
-        "shapes": {k: {**v.model_dump(), "parameters": v.parameter_count()} for k, v in settings.SHAPES.items()},
+        "shapes": {
+            k: {**v.model_dump(), "parameters": memory.Shape.from_random_init(v).parameters()}
+            for k, v in settings.SHAPES.items()
+        },
         "seq_len": settings.SEQ_LEN,
         "batch": settings.BATCH,
         "lora_r": settings.LORA_R,

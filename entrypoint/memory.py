@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from recipes.schema import Recipe
+from recipes.schema import RandomInit, Recipe
 
 GIB = 1024**3
 
@@ -111,6 +111,23 @@ class Shape:
         except (KeyError, TypeError, ValueError):
             return None
 
+    @classmethod
+    def from_random_init(cls, spec: RandomInit) -> Shape:
+        return cls(
+            vocab=spec.vocab_size,
+            hidden=spec.hidden_size,
+            intermediate=spec.intermediate_size,
+            layers=spec.num_hidden_layers,
+            heads=spec.num_attention_heads,
+            kv_heads=spec.num_key_value_heads or spec.num_attention_heads,
+            head_dim=spec.hidden_size // spec.num_attention_heads,
+            tied=False,  # random_model builds untied heads
+        )
+
+    def parameters(self) -> int:
+        """Embeddings and linear layers (norms are a rounding error)."""
+        return self.embedding_params() + self.linear_params()
+
     def linears(self) -> dict[str, tuple[int, int, int]]:
         """Per layer: module -> (in, out, copies)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -160,17 +177,7 @@ def _cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
 def shape_of(recipe: Recipe, environ: Mapping[str, str]) -> tuple[Shape | None, str]:
     spec = recipe.model.random_init
     if spec is not None:
-        shape = Shape(
-            vocab=spec.vocab_size,
-            hidden=spec.hidden_size,
-            intermediate=spec.intermediate_size,
-            layers=spec.num_hidden_layers,
-            heads=spec.num_attention_heads,
-            kv_heads=spec.num_key_value_heads or spec.num_attention_heads,
-            head_dim=spec.hidden_size // spec.num_attention_heads,
-            tied=False,
-        )
-        return shape, "random_init shape"
+        return Shape.from_random_init(spec), "random_init shape"
     config = _cached_config(recipe.model.name, environ)
     shape = Shape.from_config(config) if config else None
     return shape, (f"config.json of {recipe.model.name}" if shape else "")
@@ -179,7 +186,7 @@ def shape_of(recipe: Recipe, environ: Mapping[str, str]) -> tuple[Shape | None, 
 def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
     model, training = recipe.model, recipe.training
     embeddings, linears = shape.embedding_params(), shape.linear_params()
-    params = embeddings + linears
+    params = shape.parameters()
     if model.full_finetuning:
         weights = params * WEIGHT_BYTES["16bit"]
         trainable = params * FULL_FT_EXTRA_BYTES.get(training.optimizer, FULL_FT_EXTRA_DEFAULT)

@@ -63,16 +63,6 @@ class RandomInit(Strict):
             )
         return self
 
-    def parameter_count(self) -> int:
-        """Exact parameter count of the Llama model this shape builds (untied embeddings)."""
-        h, i, n = self.hidden_size, self.intermediate_size, self.num_hidden_layers
-        head_dim = h // self.num_attention_heads
-        kv = (self.num_key_value_heads or self.num_attention_heads) * head_dim
-        attention = h * h * 2 + h * kv * 2  # q, o and k, v
-        mlp = 3 * h * i
-        norms = 2 * h
-        return n * (attention + mlp + norms) + 2 * self.vocab_size * h + h
-
 
 class ModelConfig(Strict):
     name: str = Field(min_length=1, description="Hugging Face hub id or local folder")
