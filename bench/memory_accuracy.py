@@ -1,6 +1,6 @@
 """Compare the planner's memory estimate with peaks measured on a GPU.
 
-    python bench/memory_accuracy.py docs/benchmarks/throughput-h100.json --out docs/benchmarks/memory
+    python bench/memory_accuracy.py docs/benchmarks/throughput-h100.json [MORE.json ...] --out docs/benchmarks/memory
 
 For every launcher run in the throughput results, build the same recipe the benchmark ran
 (same shape, load type, LoRA, batch and sequence length), estimate it, and set the estimate
@@ -21,15 +21,19 @@ from recipes.schema import Recipe
 
 
 def bench_recipe(size: str, load: str) -> Recipe:
+    """`load` is 16bit / 4bit (LoRA) or full (full fine-tuning, 16-bit), as bench/throughput.py."""
+    full = load == "full"
+    lora = {"r": settings.LORA_R, "alpha": settings.LORA_ALPHA, "target_modules": settings.TARGET_MODULES}
     return Recipe.model_validate(
         {
             "model": {
                 "name": f"bench-{size}",
                 "random_init": settings.SHAPES[size].model_dump(),
                 "max_seq_length": settings.SEQ_LEN,
-                "load_in": load,
+                "load_in": "16bit" if full else load,
+                "full_finetuning": full,
             },
-            "lora": {"r": settings.LORA_R, "alpha": settings.LORA_ALPHA, "target_modules": settings.TARGET_MODULES},
+            "lora": None if full else lora,
             "data": {"source": "synthetic/rows", "format": "text"},
             "training": {"per_device_batch_size": settings.BATCH, "optimizer": settings.OPTIMIZER},
         }
@@ -38,10 +42,11 @@ def bench_recipe(size: str, load: str) -> Recipe:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("results")
+    parser.add_argument("results", nargs="+")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    data = json.loads(Path(args.results).read_text())
+    files = [json.loads(Path(name).read_text()) for name in args.results]
+    data = {"machine": files[0]["machine"], "runs": {k: v for f in files for k, v in f["runs"].items()}}
     rows = []
     for key, run in sorted(data["runs"].items()):
         if run["stack"] != "launcher" or "error" in run:

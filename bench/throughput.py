@@ -2,8 +2,11 @@
 script and plain transformers + PEFT + TRL, with the same model, data and settings.
 
     python bench/throughput.py --size 1b --loads 16bit,4bit --steps 25 --out docs/benchmarks/throughput.json
+    python bench/throughput.py --size 1b --loads full --stacks launcher --steps 15 --out ...
 
-Each run is a fresh process. Results are merged into --out (keyed by size, load and stack), so
+`--loads full` is full fine-tuning (every weight trains, 16-bit), which only the launcher
+stack runs; it exists to check the planner's full fine-tuning memory, which decides when
+`auto` shards with FSDP2. Each run is a fresh process. Results are merged into --out (keyed by size, load and stack), so
 several invocations build one file; `python bench/report.py` turns it into a table and a chart.
 """
 
@@ -29,18 +32,22 @@ STACKS = ("launcher", "unsloth", "hf")
 
 
 def recipe_for(size: str, load: str, model: Path, data: Path, steps: int, out: Path) -> str:
+    full = load == "full"
+    trained = (
+        "lora: null\n"
+        if full
+        else f"lora:\n  r: {settings.LORA_R}\n  alpha: {settings.LORA_ALPHA}\n"
+        f"  target_modules: {json.dumps(settings.TARGET_MODULES)}\n"
+    )
     return f"""# Benchmark recipe written by bench/throughput.py
 name: bench-{size}-{load}
 model:
   name: {model}
   max_seq_length: {settings.SEQ_LEN}
-  load_in: {load}
+  load_in: {"16bit" if full else load}
+  full_finetuning: {str(full).lower()}
   dtype: bfloat16
-lora:
-  r: {settings.LORA_R}
-  alpha: {settings.LORA_ALPHA}
-  target_modules: {json.dumps(settings.TARGET_MODULES)}
-data:
+{trained}data:
   source: {data}
   format: text
 training:

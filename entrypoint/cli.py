@@ -29,7 +29,7 @@ from recipes.errors import EXIT_BAD_INPUT, BadInput
 COMMANDS = ("run", "plan", "list", "show", "validate", "doctor")
 
 ENV_HELP = """environment:
-  PARALLELISM    auto (default) | single | ddp | model (balanced, model-parallel, mp)
+  PARALLELISM    auto (default) | single | ddp | fsdp (fsdp2, sharded) | model (balanced, model-parallel, mp)
   NUM_GPUS       a positive integer, or all (default: every visible GPU)
   CPU_PROCESSES  train on the CPU with N processes (gloo), for tiny recipes and tests
   ALLOW_CPU      1: let a GPU recipe train on the CPU when no GPU is visible

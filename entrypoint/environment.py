@@ -1,14 +1,14 @@
 """The environment contract: variables -> a validated `Request`. Pure: reads a mapping only.
 
 | variable        | values                                              | default |
-| PARALLELISM     | auto, single, ddp, model (balanced, model-parallel, mp) | auto |
+| PARALLELISM     | auto, single, ddp, fsdp (fsdp2, sharded), model (balanced, model-parallel, mp) | auto |
 | NUM_GPUS        | a positive integer, or all                          | all     |
 | CPU_PROCESSES   | train on the CPU with this many processes (gloo)    | unset   |
 | ALLOW_CPU       | 1/true: let any recipe run without a GPU            | unset   |
 | RECIPE          | the recipe when the command line names none         | unset   |
 | OUTPUTS_DIR     | folder that holds one sub-folder per recipe run     | outputs |
 
-Several machines (data parallel only), first match wins for each value:
+Several machines (ddp and fsdp only), first match wins for each value:
 | value          | ours          | Kubeflow Trainer v2 / torchrun | Kubeflow PyTorchJob             |
 | nodes          | NNODES        | PET_NNODES                     | WORLD_SIZE / PET_NPROC_PER_NODE |
 | this node      | NODE_RANK     | PET_NODE_RANK                  | RANK (the pod's index)          |
@@ -26,8 +26,7 @@ from typing import Literal
 
 from recipes.errors import BadInput, closest
 
-Mode = Literal["single", "ddp", "model"]
-Parallelism = Literal["auto", "single", "ddp", "model"]
+Parallelism = Literal["auto", "single", "ddp", "model", "fsdp"]
 
 PARALLELISM_ALIASES: dict[str, Parallelism] = {
     "auto": "auto",
@@ -35,6 +34,9 @@ PARALLELISM_ALIASES: dict[str, Parallelism] = {
     "ddp": "ddp",
     "data": "ddp",
     "data-parallel": "ddp",
+    "fsdp": "fsdp",
+    "fsdp2": "fsdp",
+    "sharded": "fsdp",
     "model": "model",
     "balanced": "model",
     "model-parallel": "model",
@@ -120,7 +122,7 @@ def parse_parallelism(raw: str | None) -> Parallelism:
     word = (raw or "auto").strip().lower()
     if word in PARALLELISM_ALIASES:
         return PARALLELISM_ALIASES[word]
-    choices = "auto, single, ddp, model (also balanced, model-parallel, mp)"
+    choices = "auto, single, ddp, fsdp (also fsdp2, sharded), model (also balanced, model-parallel, mp)"
     raise BadInput(f"PARALLELISM={raw!r} is not a mode{closest(word, PARALLELISM_ALIASES)}; use one of {choices}")
 
 

@@ -1,4 +1,4 @@
-"""Per-GPU memory of a recipe when one GPU holds the whole model.
+"""Per-GPU memory of a recipe: when one GPU holds the whole model, and in each mode.
 
 Two levels of detail:
 - from the model's config.json (a random-init shape, a local model folder, or the Hugging
@@ -9,6 +9,7 @@ Two levels of detail:
   "Mixtral-8x7B" -> 56) with average bytes per parameter.
 The constants are fitted to Unsloth's peaks measured on one H100 (docs/benchmarks/memory.md
 compares the two); the CUDA context is added on top for the "does it fit" decision.
+`per_gpu_gib` turns the one-GPU estimate into each mode's share.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ LINEAR_BYTES = {"4bit": 0.53, "8bit": 1.03, "16bit": 2.0}
 ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN = 56
 CUDA_OVERHEAD_GIB = 1.0  # context, cuBLAS workspace, allocator slack
 USABLE_FRACTION = 0.92  # never plan to fill a GPU to the last byte
+# Unsloth's native FSDP2 keeps the frozen weights replicated and shards only the trainable state
+# while the model takes at most this share of one GPU (its "fit" layout: plan_fsdp2_layout in
+# unsloth/models/fsdp2_perf.py); a larger model has every weight sharded and gathers one block
+# around its forward and backward, prefetching the next.
+FSDP_FIT_FRACTION = 0.4
+FSDP_GATHERED_BLOCKS = 2
+DEFAULT_LAYERS = 32  # blocks of a model known only by its parameter count
 
 SIZE_IN_NAME = re.compile(r"(?<![A-Za-z0-9.])(?:(\d+)x)?(\d+(?:\.\d+)?)([BbMm])(?![A-Za-z0-9])")
 
@@ -54,6 +62,7 @@ class Estimate:
     activations_gib: float
     total_gib: float  # per GPU when the whole model sits on one GPU
     source: str  # where the parameter count came from
+    layers: int | None = None  # decoder blocks, when config.json says
 
     def as_dict(self) -> dict[str, float | str | None]:
         return asdict(self)
@@ -196,10 +205,12 @@ def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
         trainable = shape.lora_params(recipe.lora.r, recipe.lora.target_modules) * TRAINABLE_BYTES
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * shape.hidden * ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN
-    return _estimate(params / 1e9, weights, trainable, activations, source)
+    return _estimate(params / 1e9, weights, trainable, activations, source, shape.layers)
 
 
-def _estimate(params_b: float, weights: float, trainable: float, activations: float, source: str) -> Estimate:
+def _estimate(
+    params_b: float, weights: float, trainable: float, activations: float, source: str, layers: int | None = None
+) -> Estimate:
     total = (weights + trainable + activations) / GIB + CUDA_OVERHEAD_GIB
     return Estimate(
         params_b=round(params_b, 4),
@@ -208,6 +219,7 @@ def _estimate(params_b: float, weights: float, trainable: float, activations: fl
         activations_gib=round(activations / GIB, 2),
         total_gib=round(total, 2),
         source=source,
+        layers=layers,
     )
 
 
@@ -229,6 +241,25 @@ def estimate(recipe: Recipe, environ: Mapping[str, str] | None = None) -> Estima
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * ACTIVATION_BYTES_PER_TOKEN_1B * math.sqrt(max(params_b, 0.001) / 1.1)
     return _estimate(params_b, weights, trainable, activations, source)
+
+
+def per_gpu_gib(est: Estimate, mode: str, processes: int, gpus: int, gpu_memory_gib: float | None) -> float | None:
+    """What one GPU holds in `mode`: the whole model (single, ddp); a slice of the weights and
+    trainable state (model: `gpus` GPUs of one process); under fsdp, a 1/`processes` share of
+    what FSDP2 shards (every rank of every machine holds one), plus the gathered blocks."""
+    if est.params_b is None:
+        return None
+    fixed = est.activations_gib + CUDA_OVERHEAD_GIB  # every GPU runs its own batch (or, model, the pipeline's)
+    if mode == "model" and gpus > 1:
+        return round((est.weights_gib + est.trainable_gib) / gpus + fixed, 2)
+    if mode == "fsdp" and processes > 1:
+        if gpu_memory_gib is not None and est.weights_gib <= FSDP_FIT_FRACTION * gpu_memory_gib:
+            held = est.weights_gib + est.trainable_gib / processes
+        else:
+            block = est.weights_gib / (est.layers or DEFAULT_LAYERS)
+            held = (est.weights_gib + est.trainable_gib) / processes + FSDP_GATHERED_BLOCKS * block
+        return round(held + fixed, 2)
+    return est.total_gib
 
 
 def fits(total_gib: float, memory_gib: float | None) -> bool:

@@ -17,11 +17,12 @@ from typing import Any
 import yaml
 
 from entrypoint import memory
-from entrypoint.environment import CLUSTER_VARIABLES, Cluster, Mode, Request
+from entrypoint.environment import CLUSTER_VARIABLES, Cluster, Request
 from entrypoint.gpus import Gpu
-from recipes import exports
+from recipes import exports, placement
 from recipes.catalog import LoadedRecipe, to_yaml
 from recipes.errors import BadInput
+from recipes.placement import Mode
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_MODULE = "recipes.train"
@@ -104,7 +105,8 @@ def choose(
     if nodes > 1 and request.parallelism in ("model", "single"):
         raise BadInput(
             f"PARALLELISM={request.parallelism} runs ONE process on ONE machine, but this job spans {nodes} "
-            f"machines ({cluster.source}); use PARALLELISM=ddp across machines, or run on one machine"
+            f"machines ({cluster.source}); use PARALLELISM=ddp across machines (fsdp for a model too big "
+            f"for one GPU), or run on one machine"
         )
     across = f" on each of {nodes} machines" if nodes > 1 else ""
 
@@ -123,11 +125,20 @@ def choose(
         if request.parallelism == "single" and n > 1:
             raise BadInput(f"PARALLELISM=single runs one process but CPU_PROCESSES={n}; use PARALLELISM=ddp")
         total = n * nodes
+        if request.parallelism == "fsdp":
+            _check_fsdp(total, f"CPU_PROCESSES={n}", "set CPU_PROCESSES=2 or more")
+            if loaded.recipe.model.load_in != "16bit":
+                raise BadInput(
+                    f"PARALLELISM=fsdp on the CPU cannot shard model.load_in={loaded.recipe.model.load_in} "
+                    f"(bitsandbytes weights are quantized on a GPU); set model.load_in=16bit, or train on GPUs"
+                )
+            reason = f"PARALLELISM=fsdp: {n} CPU process(es){across}, the model sharded over {total} (gloo)"
+            return "fsdp", [], total, reason
         mode: Mode = "ddp" if total > 1 else "single"
         return mode, [], total, f"CPU_PROCESSES={n}: {n} CPU process(es){across}, gloo"
 
     if not gpus:
-        if request.num_gpus is not None or request.parallelism in ("ddp", "model"):
+        if request.num_gpus is not None or request.parallelism in ("ddp", "model", "fsdp"):
             asked = (
                 f"NUM_GPUS={request.num_gpus}" if request.num_gpus is not None else f"PARALLELISM={request.parallelism}"
             )
@@ -176,6 +187,11 @@ def choose(
         if total == 1:
             return "single", chosen, 1, "PARALLELISM=ddp with one GPU is a single-process run"
         return "ddp", chosen, total, f"PARALLELISM=ddp over {wanted} GPU(s){across}"
+    if request.parallelism == "fsdp":
+        given = f"{asked}={wanted}" if request.num_gpus is not None or asked != "NUM_GPUS" else "one visible GPU"
+        _check_fsdp(total, given, "give it 2 or more GPUs")
+        reason = f"PARALLELISM=fsdp over {wanted} GPU(s){across}: Unsloth's FSDP2 shards the model over {total} ranks"
+        return "fsdp", chosen, total, reason
     if request.parallelism == "model":
         return "model", chosen, 1, f"PARALLELISM=model: one process, the model split over {wanted} GPU(s)"
 
@@ -184,18 +200,31 @@ def choose(
         if total == 1:
             return "single", chosen, 1, f"auto: the model ({size}) fits one GPU and one GPU is in use"
         return "ddp", chosen, total, f"auto: the model ({size}) fits one GPU, so data parallel over {wanted}{across}"
+    sharded = memory.per_gpu_gib(est, "fsdp", total, wanted, one)
+    full = loaded.recipe.model.full_finetuning
+    # Full fine-tuning is 16-bit by schema: its lever is the optimizer state, not the load type.
+    smaller = "an 8-bit optimizer (training.optimizer=adamw_8bit)" if full else "a 4-bit load (model.load_in=4bit)"
+    if (nodes > 1 or full) and total > 1 and sharded is not None and memory.fits(sharded, one):
+        why = "model parallel cannot span machines" if nodes > 1 else "full fine-tuning shards its trainable state"
+        return (
+            "fsdp",
+            chosen,
+            total,
+            f"auto: the model ({size}) does not fit one {one:g} GiB GPU and {why}, so Unsloth's FSDP2 "
+            f"shards it over {total} processes (~{sharded} GiB each)",
+        )
     if nodes > 1:
         raise BadInput(
-            f"recipe {name} needs {size}, more than one {one:g} GiB GPU, and model parallel cannot span "
-            f"the {nodes} machines of this job; use a 4-bit load (model.load_in=4bit) or a shorter "
-            f"model.max_seq_length so that data parallel fits, or run model parallel on one machine"
+            f"recipe {name} needs {size}, more than one {one:g} GiB GPU, and sharded over the {total} GPUs "
+            f"of this job (fsdp) still ~{sharded} GiB per GPU; use {smaller}, a shorter "
+            f"model.max_seq_length or batch, or more machines"
         )
     total_memory = sum(g.memory_gib or 0 for g in chosen)
     if not memory.fits(est.total_gib, total_memory):
         raise BadInput(
             f"recipe {name} needs {size} but the {wanted} GPU(s) in use have {total_memory:g} GiB "
-            f"together; use a 4-bit load (model.load_in=4bit), a shorter model.max_seq_length or "
-            f"batch, more GPUs, or set PARALLELISM explicitly to try anyway"
+            f"together; use {smaller}, a shorter model.max_seq_length or batch, more GPUs, or set "
+            f"PARALLELISM explicitly to try anyway"
         )
     return (
         "model",
@@ -205,14 +234,12 @@ def choose(
     )
 
 
-def per_gpu_gib(est: memory.Estimate, mode: Mode, gpu_count: int) -> float | None:
-    """Model parallel splits weights and trainable state over the GPUs; activations move along."""
-    if est.params_b is None:
-        return None
-    if mode != "model" or gpu_count <= 1:
-        return est.total_gib
-    split = (est.weights_gib + est.trainable_gib) / gpu_count
-    return round(split + est.activations_gib + memory.CUDA_OVERHEAD_GIB, 2)
+def _check_fsdp(total: int, asked: str, fix: str) -> None:
+    if total < 2:
+        raise BadInput(
+            f"PARALLELISM=fsdp shards the model over several processes, but {asked} gives one; {fix}, "
+            f"or use PARALLELISM=single for one process"
+        )
 
 
 def disk_needed_gib(est: memory.Estimate, loaded: LoadedRecipe) -> float:
@@ -224,14 +251,12 @@ def disk_needed_gib(est: memory.Estimate, loaded: LoadedRecipe) -> float:
     return round(est.trainable_gib * copies + exports + 0.1, 2)
 
 
-def device_map_for(mode: Mode, device: str) -> Any:
-    if device == "cpu":
-        return "cpu"
-    return {"single": {"": 0}, "ddp": {"": "LOCAL_RANK"}, "model": "balanced"}[mode]
-
-
 def accelerate_config(num_processes: int, gpus: list[Gpu], precision: str, cluster: Cluster) -> dict[str, Any]:
-    """A DDP config that accelerate's own loader accepts: one machine, or one of several."""
+    """A multi-process config that accelerate's own loader accepts: one machine, or one of several.
+
+    fsdp uses it unchanged: Unsloth's native FSDP2 shards the model itself (placement.FSDP_ENV), and
+    an accelerate FSDP config would make accelerate wrap the model a second time.
+    """
     several = cluster.nnodes > 1
     return {
         "compute_environment": "LOCAL_MACHINE",
@@ -257,13 +282,15 @@ def accelerate_config(num_processes: int, gpus: list[Gpu], precision: str, clust
 def child_env(mode: Mode, gpus: list[Gpu], environ: dict[str, str]) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), environ.get("PYTHONPATH", "")) if p)
     env = {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    if mode == "fsdp":
+        env.update(placement.FSDP_ENV)
     if not gpus:
         # Explicit CPU run: keep Unsloth (and torch) off any GPU the host might have.
         env.update({"CUDA_VISIBLE_DEVICES": "", "UNSLOTH_FORCE_CPU": "1"})
         return env
     # nvidia-smi numbers GPUs in PCI order; make CUDA agree, so the ids mean the same GPUs.
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    if mode != "ddp":  # under ddp, accelerate sets CUDA_VISIBLE_DEVICES from gpu_ids
+    if mode not in placement.MULTI_PROCESS:  # there accelerate sets CUDA_VISIBLE_DEVICES from gpu_ids
         env["CUDA_VISIBLE_DEVICES"] = ",".join(g.id for g in gpus)
     return env
 
@@ -285,6 +312,10 @@ def make(
     exports.check_possible(loaded.recipe, environ)
     est = memory.estimate(loaded.recipe, environ)
     mode, chosen, processes, reason = choose(request, loaded, gpus, est)
+    placement.check_fsdp_switch(mode, environ)
+    placement.check_exports(mode, loaded.recipe.output.save)
+    one_gpu = chosen[0].memory_gib if chosen else None
+    per_gpu = memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu)
     device = "cuda" if chosen else "cpu"
     precision = mixed_precision(loaded.recipe.model.dtype, chosen)
     out = output_dir_for(loaded, request, cwd)
@@ -297,7 +328,7 @@ def make(
     program = ["-m", TRAIN_MODULE, "--recipe", str(recipe_file), "--mode", mode, "--mixed-precision", precision]
     files = {str(recipe_file): f"# resolved from {loaded.path} {' '.join(loaded.overrides)}\n" + to_yaml(resolved)}
     config = None
-    if mode == "ddp":
+    if mode in placement.MULTI_PROCESS:
         config = accelerate_config(processes, chosen, precision, cluster)
         config_file = launch_dir / "accelerate_config.yaml"
         files[str(config_file)] = yaml.safe_dump(config, sort_keys=False)
@@ -308,10 +339,10 @@ def make(
     warnings = []
     if est.params_b is None:
         warnings.append(f"model size unknown ({est.source}); the mode was chosen without a memory estimate")
-    elif mode in ("single", "ddp") and chosen and not memory.fits(est.total_gib, chosen[0].memory_gib):
+    elif mode != "model" and chosen and per_gpu is not None and not memory.fits(per_gpu, one_gpu):
         warnings.append(
-            f"the model needs ~{est.total_gib} GiB per process but a GPU has {chosen[0].memory_gib:g} GiB; "
-            f"expect out-of-memory (PARALLELISM=model splits it)"
+            f"the model needs ~{per_gpu} GiB per process in {mode} mode but a GPU has {one_gpu:g} GiB; "
+            f"expect out-of-memory (PARALLELISM=model splits it; fsdp shards it over the processes)"
         )
 
     plan = Plan(
@@ -325,13 +356,13 @@ def make(
         machine_rank=cluster.node_rank,
         gpu_ids=[g.id for g in chosen],
         mixed_precision=precision,
-        device_map=device_map_for(mode, device),
+        device_map=placement.device_map(mode, cuda=bool(chosen)),
         output_dir=str(out),
         accelerate_config=config,
         command=command,
         env=child_env(mode, chosen, environ),
         env_unset=[name for name in CLUSTER_VARIABLES if name in environ],
-        memory=est.as_dict() | {"per_gpu_gib": per_gpu_gib(est, mode, len(chosen))},
+        memory=est.as_dict() | {"per_gpu_gib": per_gpu},
         disk_gib=disk_needed_gib(est, loaded),
         warnings=warnings,
         files=files,

@@ -1,11 +1,13 @@
 """The per-process training program. Started by the launcher, once per process:
 
     python -m recipes.train --recipe RESOLVED.yaml --mode single|model --mixed-precision bf16
-    accelerate launch --config_file ... -m recipes.train --recipe RESOLVED.yaml --mode ddp ...
+    accelerate launch --config_file ... -m recipes.train --recipe RESOLVED.yaml --mode ddp|fsdp ...
 
-It reads top to bottom: refuse the trap, place the model as the mode needs, build the data
-and the trainer, train (resuming from the newest checkpoint), save on the main process only,
-and write metrics. A bad recipe or data row exits with status 2 before any model loads.
+It reads top to bottom: refuse the trap, place the model as the mode needs (recipes/placement.py),
+build the data and the trainer (under fsdp, Unsloth shards the model inside it), train
+(resuming from the newest checkpoint), save on the main process only (under fsdp every rank
+gathers the shards to it first), and write metrics. A bad recipe or data row exits with
+status 2 before any model loads.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipes import atomic, catalog, data, exports, preemption, progress
+from recipes import atomic, catalog, data, exports, placement, preemption, progress
 from recipes.errors import EXIT_BAD_INPUT, BadInput, closest
 from recipes.schema import Recipe
 
@@ -31,14 +33,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--recipe", required=True, help="recipe name or YAML file (the launcher passes the resolved one)"
     )
-    parser.add_argument("--mode", choices=("single", "ddp", "model"), default="single")
+    parser.add_argument("--mode", choices=placement.MODES, default="single")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
 
 
-def refuse_the_trap(mode: str, world_size: int) -> None:
-    """Balanced placement under a multi-process launch fails deep inside accelerate; stop first."""
+def check_mode(mode: str, world_size: int) -> None:
+    """Balanced placement under a multi-process launch fails deep inside accelerate, and FSDP2
+    with one process has nothing to shard over (Unsloth would quietly train unsharded): stop first."""
+    if mode == "fsdp" and world_size < 2:
+        raise BadInput(
+            f"--mode fsdp shards the model over the processes of a multi-process launch, but WORLD_SIZE="
+            f"{world_size}; start it with accelerate launch over 2 or more processes (PARALLELISM=fsdp does), "
+            f"or use --mode single"
+        )
     if mode == "model" and world_size > 1:
         raise BadInput(
             f"--mode model (device_map='balanced', one model split over the GPUs of ONE process) "
@@ -47,14 +56,6 @@ def refuse_the_trap(mode: str, world_size: int) -> None:
             f"that has been loaded with device_map='auto' in any distributed mode\". Start it as one "
             f"plain process (PARALLELISM=model), or use PARALLELISM=ddp"
         )
-
-
-def device_map_for(mode: str, local_rank: int, cuda: bool) -> Any:
-    if not cuda:
-        return "cpu"
-    if mode == "model":
-        return "balanced"  # one process: accelerate splits the layers over every visible GPU
-    return {"": local_rank}  # single and ddp: one whole model on this process's own GPU
 
 
 def resolve_model(recipe: Recipe, texts: list[str], out: Path) -> str:
@@ -198,13 +199,17 @@ def run(args: argparse.Namespace) -> int:
     recipe = catalog.load(args.recipe, args.overrides).recipe
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    refuse_the_trap(args.mode, world_size)
+    check_mode(args.mode, world_size)
+    placement.check_fsdp_switch(args.mode, os.environ)
+    placement.check_exports(args.mode, recipe.output.save)
     exports.check_possible(recipe, os.environ)
     out = Path(recipe.output.dir or Path("outputs") / str(recipe.name)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     resume = newest_checkpoint(out / "checkpoints", recipe.training.max_steps) if recipe.output.resume else None
 
+    if args.mode == "fsdp":
+        os.environ.update(placement.FSDP_ENV)  # read by `import unsloth`, just below
     # Unsloth patches transformers, TRL and PEFT at import: it comes before them.
     import torch
     import unsloth  # noqa: F401
@@ -214,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = data.build(recipe.data)
 
     cuda = torch.cuda.is_available()
-    if cuda and args.mode == "ddp":
+    if cuda and args.mode in placement.MULTI_PROCESS:
         torch.cuda.set_device(local_rank)
     model_name = resolve_model(recipe, data.texts_of(dataset), out)
     check_chat_template(recipe, model_name)
@@ -226,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         load_in_4bit=m.load_in == "4bit",
         load_in_8bit=m.load_in == "8bit",
         full_finetuning=m.full_finetuning,
-        device_map=device_map_for(args.mode, local_rank, cuda),
+        device_map=placement.device_map(args.mode, cuda, local_rank),
         trust_remote_code=m.trust_remote_code,
         use_gradient_checkpointing=recipe.training.gradient_checkpointing,
     )
@@ -262,18 +267,24 @@ def run(args: argparse.Namespace) -> int:
     if stopper.stopped_at is not None:
         return preempted(trainer, record, recipe, out, stopper.stopped_at)
 
-    # Every rank hashes its weights; the main process records them all (they must be equal).
     from accelerate.utils import gather_object
 
-    fingerprints = gather_object([trainable_fingerprint(trainer.model)])
+    held = gather_object([placement.local_elements(trainer.model)])  # ddp: all of them; fsdp: a shard
     peaks = gather_object([progress.peak_memory_gib()])
     tokens = sum(gather_object([record.counter.tokens]))
+    final = "model" if m.full_finetuning else "adapter"
+    # Under fsdp every rank enters while the shards are gathered to rank 0 (for an adapter, only
+    # the trainable weights); otherwise every rank already holds whole weights.
+    with placement.whole_parameters(trainer.model, trainable_only=not m.full_finetuning) as whole:
+        # Each rank that holds whole weights hashes them: ddp ranks must agree; fsdp has one copy.
+        fingerprints = gather_object([trainable_fingerprint(trainer.model) if whole else None])
+        fingerprints = [f for f in fingerprints if f is not None]
+        if trainer.accelerator.is_main_process:
+            with atomic.folder(out / final) as tmp:  # a crash never leaves half an adapter
+                trainer.model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+            exported = exports.write(trainer.model, tokenizer, out, recipe)
     if trainer.accelerator.is_main_process:
-        final = "model" if m.full_finetuning else "adapter"
-        with atomic.folder(out / final) as tmp:  # a crash never leaves half an adapter
-            trainer.model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        exported = exports.write(trainer.model, tokenizer, out, recipe)
         wall = time.time() - STARTED
         runtime = float(result.metrics.get("train_runtime", 0.0))
         launcher_t0 = float(os.environ.get("ENTRYPOINT_STARTED_AT", STARTED))
@@ -294,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
             },
             "wall_time_s": round(wall, 3),
             "peak_memory_gib": peaks,
+            "trainable_elements_per_rank": held,
             "trainable_fingerprints": fingerprints,
             "resumed_from": resume,
             "saved": str(out / final),

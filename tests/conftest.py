@@ -67,6 +67,18 @@ def run_cli(
     )
 
 
+def run_training_program(cwd: Path, mode: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m recipes.train` on the smoke recipe, as a launcher would start it, outputs in cwd/o."""
+    return subprocess.run(
+        [sys.executable, "-m", "recipes.train", "--recipe", "smoke", "--mode", mode, f"output.dir={cwd}/o"],
+        cwd=cwd,
+        env=clean_env(PYTHONPATH=str(ROOT), **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def write_recipe(folder: Path, name: str, text: str) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(textwrap.dedent(text))

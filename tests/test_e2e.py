@@ -1,16 +1,15 @@
 """End to end on the CPU: the launcher really trains the smoke recipe through Unsloth's CPU
-backend, in one process and as a real two-process DDP run (gloo, through the generated
-accelerate config and `accelerate launch`)."""
+backend, in one process, as a real two-process DDP run (gloo, through the generated
+accelerate config and `accelerate launch`), and as a two-process run that Unsloth's native
+FSDP2 shards (gloo)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, run_cli
+from conftest import clean_env, run_cli, run_training_program
 
 pytestmark = pytest.mark.e2e
 
@@ -33,10 +32,27 @@ def test_smoke_trains_in_one_process_and_its_loss_falls(tmp_path):
     assert "done: smoke [single x1] 60 steps" in done.stdout
 
 
-def test_smoke_as_two_process_ddp_keeps_ranks_identical_and_writes_one_adapter(tmp_path):
-    done = run_cli("run", "smoke", "training.max_steps=20", cwd=tmp_path, env=clean_env(CPU_PROCESSES="2"))
+def two_process_run(folder: Path, parallelism: str) -> Path:
+    env = clean_env(CPU_PROCESSES="2", PARALLELISM=parallelism)
+    done = run_cli("run", "smoke", "training.max_steps=20", cwd=folder, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / "outputs" / "smoke"
+    assert f"done: smoke [{parallelism} x2] 20 steps" in done.stdout
+    return folder / "outputs" / "smoke"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    return two_process_run(tmp_path_factory.mktemp("ddp"), "ddp")
+
+
+def adapter_tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_smoke_as_two_process_ddp_keeps_ranks_identical_and_writes_one_adapter(ddp_run):
+    out = ddp_run
     m = metrics(out)
     assert (m["mode"], m["world_size"]) == ("ddp", 2)
     fingerprints = m["trainable_fingerprints"]
@@ -46,18 +62,51 @@ def test_smoke_as_two_process_ddp_keeps_ranks_identical_and_writes_one_adapter(t
     assert adapters == [out / "adapter" / "adapter_model.safetensors"]
     assert (out / "launch" / "accelerate_config.yaml").is_file()
     assert m["final_loss"] < m["first_loss"]
+    everything = m["trainable_elements_per_rank"]
+    assert everything[0] == everything[1] > 0, "every DDP rank holds every trainable weight"
+
+
+def test_fsdp_shards_the_trainable_weights_over_two_processes_and_trains_the_same_model_as_ddp(tmp_path, ddp_run):
+    out = two_process_run(tmp_path, "fsdp")
+    m, ddp = metrics(out), metrics(ddp_run)
+    assert (m["mode"], m["world_size"]) == ("fsdp", 2)
+    # Each rank holds half of what a DDP rank holds: the model really is sharded.
+    assert sum(m["trainable_elements_per_rank"]) == ddp["trainable_elements_per_rank"][0]
+    assert max(m["trainable_elements_per_rank"]) < ddp["trainable_elements_per_rank"][0]
+    # Same data, seed and global batch: the same losses and the same adapter, up to summation order.
+    assert [s for s, _ in m["losses"]] == [s for s, _ in ddp["losses"]]
+    for (_, loss), (_, expected) in zip(m["losses"], ddp["losses"], strict=True):
+        assert loss == pytest.approx(expected, rel=1e-4)
+    sharded, replicated = adapter_tensors(out), adapter_tensors(ddp_run)
+    assert sorted(sharded) == sorted(replicated)
+    for name, tensor in sharded.items():
+        assert tensor.shape == replicated[name].shape, name  # rank 0 wrote whole tensors, not its shard
+        assert (tensor - replicated[name]).abs().max().item() < 1e-5, name
+    assert len(m["trainable_fingerprints"]) == 1, "one copy of the model, hashed once"
+    plan = json.loads((out / "launch" / "plan.json").read_text())
+    assert plan["env"]["UNSLOTH_FSDP2"] == "1" and plan["accelerate_config"]["distributed_type"] == "MULTI_GPU"
+
+
+def test_fsdp_full_fine_tuning_holds_half_the_model_per_rank_and_saves_it_whole(tmp_path):
+    env = clean_env(CPU_PROCESSES="2", PARALLELISM="fsdp")
+    overrides = ["training.max_steps=10", "model.full_finetuning=true", "lora=null", "training.learning_rate=1e-3"]
+    done = run_cli("run", "smoke", *overrides, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "outputs" / "smoke"
+    m = metrics(out)
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "model" / "model.safetensors")
+    (base_file,) = (out / "random-model").glob("*/model.safetensors")
+    base = load_file(base_file)
+    assert sorted(saved) == sorted(base) and all(saved[k].shape == base[k].shape for k in base)
+    held = m["trainable_elements_per_rank"]
+    assert held[0] == held[1] and sum(held) == sum(t.numel() for t in base.values()), "each rank holds half"
+    assert any(not saved[k].equal(base[k]) for k in base) and m["final_loss"] < m["first_loss"]
 
 
 def test_training_program_refuses_model_mode_under_a_multi_process_launch(tmp_path):
-    env = clean_env(WORLD_SIZE="2", LOCAL_RANK="0", PYTHONPATH=str(ROOT))
-    done = subprocess.run(
-        [sys.executable, "-m", "recipes.train", "--recipe", "smoke", "--mode", "model", f"output.dir={tmp_path}/o"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_training_program(tmp_path, "model", WORLD_SIZE="2", LOCAL_RANK="0")
     assert done.returncode == 2
     assert "device_map='auto' in any distributed mode" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "o").exists()

@@ -49,12 +49,13 @@ def metrics(out: Path) -> dict:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("processes", ["1", "2"])
+@pytest.mark.parametrize(("processes", "parallelism"), [("1", "auto"), ("2", "ddp"), ("2", "fsdp")])
 def test_sigterm_mid_training_checkpoints_exits_143_within_the_grace_period_and_the_next_run_resumes(
-    tmp_path, processes
+    tmp_path, processes, parallelism
 ):
     out = tmp_path / "outputs" / "smoke"
-    launcher = start(tmp_path, "training.max_steps=20000", "logging.steps=1", CPU_PROCESSES=processes)
+    shape = {"CPU_PROCESSES": processes, "PARALLELISM": parallelism}
+    launcher = start(tmp_path, "training.max_steps=20000", "logging.steps=1", **shape)
     wait_until_training(out, launcher)
     sent = time.time()
     launcher.send_signal(signal.SIGTERM)
@@ -70,7 +71,7 @@ def test_sigterm_mid_training_checkpoints_exits_143_within_the_grace_period_and_
     )
 
     step = stopped["steps"]
-    again = start(tmp_path, f"training.max_steps={step + 10}", "logging.steps=5", CPU_PROCESSES=processes)
+    again = start(tmp_path, f"training.max_steps={step + 10}", "logging.steps=5", **shape)
     assert again.wait(timeout=300) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
     resumed = metrics(out)
     assert resumed["resumed_from"] == str(checkpoint) and resumed["steps"] == step + 10

@@ -98,9 +98,11 @@ def test_the_estimate_is_within_20_percent_of_the_peaks_measured_on_an_h100():
     sys.path.insert(0, str(ROOT / "bench"))
     from memory_accuracy import bench_recipe
 
-    runs = json.loads((ROOT / "docs" / "benchmarks" / "throughput-h100.json").read_text())["runs"]
+    runs = {}
+    for name in ("throughput-h100.json", "full-finetuning-h100.json"):  # LoRA / QLoRA, then full fine-tuning
+        runs |= json.loads((ROOT / "docs" / "benchmarks" / name).read_text())["runs"]
     launcher_runs = [r for r in runs.values() if r["stack"] == "launcher"]
-    assert len(launcher_runs) == 4
+    assert len(launcher_runs) == 6 and {r["load"] for r in launcher_runs} == {"16bit", "4bit", "full"}
     for run in launcher_runs:
         est = memory.estimate(bench_recipe(run["size"], run["load"]), {})
         allocated = est.total_gib - memory.CUDA_OVERHEAD_GIB  # torch's peak leaves the context out

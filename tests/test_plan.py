@@ -30,7 +30,7 @@ def make(env: dict[str, str], inventory: list[gpus.Gpu], loaded=SMOKE, cwd: str 
 
 @pytest.mark.parametrize(
     ("mode", "num_gpus", "inventory"),
-    list(itertools.product(["auto", "single", "ddp", "model"], [None, "1", "2", "4", "8"], INVENTORIES)),
+    list(itertools.product(["auto", "single", "ddp", "model", "fsdp"], [None, "1", "2", "4", "8"], INVENTORIES)),
 )
 def test_every_combination_plans_consistently_or_is_refused(mode, num_gpus, inventory):
     env = {"PARALLELISM": mode} | ({"NUM_GPUS": num_gpus} if num_gpus else {})
@@ -40,13 +40,21 @@ def test_every_combination_plans_consistently_or_is_refused(mode, num_gpus, inve
     except BadInput as exc:
         # Refused only for a reason the user can fix, and the message names the value.
         wanted = int(num_gpus) if num_gpus else len(visible)
-        assert wanted > len(visible) or not visible or (mode == "single" and num_gpus and wanted > 1), str(exc)
+        fixable = (
+            wanted > len(visible)
+            or not visible
+            or (mode == "single" and num_gpus and wanted > 1)
+            or (mode == "fsdp" and wanted == 1)
+        )
+        assert fixable, str(exc)
         assert ("NUM_GPUS" in str(exc)) or ("PARALLELISM" in str(exc))
         return
     wanted = int(num_gpus) if num_gpus else len(visible)
     assert p.num_machines == 1 and p.machine_rank == 0
-    if p.mode == "ddp":
+    if p.mode in ("ddp", "fsdp"):
+        assert p.mode == mode or mode == "auto"
         assert p.num_processes == len(p.gpu_ids) == wanted > 1
+        assert ("UNSLOTH_FSDP2" in p.env) == (p.mode == "fsdp")
         assert p.accelerate_config["num_processes"] == wanted
         assert p.command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
         assert p.device_map == {"": "LOCAL_RANK"}
