@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from entrypoint import doctor, environment, gpus, launch
+from entrypoint import doctor, environment, gpus, hub, launch
 from entrypoint.plan import Plan, make
 from recipes import catalog
 from recipes.errors import EXIT_BAD_INPUT, BadInput
@@ -100,7 +100,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
     request = environment.read(environ)
     loaded = catalog.load(recipe_name(args, request), args.overrides)
     inventory = gpus.assumed(args.assume_gpus) if args.assume_gpus else gpus.discover(environ)
-    return make(request, loaded, inventory, environ, os.getcwd())
+    config, note = hub.config_for_planning(loaded.recipe, environ)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return make(request, loaded, inventory, environ, os.getcwd(), hub_config=config)
 
 
 def print_plan(plan: Plan) -> None:

@@ -97,16 +97,6 @@ class Request:
     cluster: Cluster = Cluster()
 
 
-def _positive_int(name: str, raw: str, fix: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise BadInput(f"{name}={raw!r} is not a number; {fix}") from None
-    if value <= 0:
-        raise BadInput(f"{name}={raw!r} must be at least 1; {fix}")
-    return value
-
-
 def parse_flag(name: str, raw: str | None) -> bool:
     if raw is None:
         return False
@@ -129,7 +119,7 @@ def parse_parallelism(raw: str | None) -> Parallelism:
 def parse_num_gpus(raw: str | None) -> int | None:
     if raw is None or raw.strip().lower() in ("", "all"):
         return None
-    return _positive_int("NUM_GPUS", raw, "use a GPU count such as NUM_GPUS=2, or NUM_GPUS=all")
+    return _int("NUM_GPUS", raw, "use a GPU count such as NUM_GPUS=2, or NUM_GPUS=all", minimum=1)
 
 
 def _first(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
@@ -207,8 +197,8 @@ def read(environ: Mapping[str, str]) -> Request:
     cpu_raw = environ.get("CPU_PROCESSES")
     cpu_processes = None
     if cpu_raw not in (None, ""):
-        cpu_processes = _positive_int(
-            "CPU_PROCESSES", cpu_raw, "give the number of CPU training processes, e.g. CPU_PROCESSES=2"
+        cpu_processes = _int(
+            "CPU_PROCESSES", cpu_raw, "give the number of CPU training processes, e.g. CPU_PROCESSES=2", minimum=1
         )
     inside = next((v for v in PER_PROCESS_VARIABLES if environ.get(v, "") != ""), None)
     return Request(

@@ -1,8 +1,9 @@
 """Per-GPU memory of a recipe: when one GPU holds the whole model, and in each mode.
 
 Two levels of detail:
-- from the model's config.json (a random-init shape, a local model folder, or the Hugging
-  Face cache; the hub is never contacted, so planning stays instant and offline): embeddings
+- from the model's config.json (a random-init shape, a local model folder, the Hugging Face
+  cache, or the hub: the launcher reads it there before planning, entrypoint/hub.py, and hands
+  it in as data, so planning itself stays pure and offline): embeddings
   in 16 bits, every linear layer at its load type, LoRA's exact trainable parameters for the
   recipe's rank and target modules, activations from the hidden size;
 - otherwise from the parameter count (`model.size_b`, or the name: "Llama-3.1-8B" -> 8,
@@ -164,7 +165,7 @@ class Shape:
         return self.layers * per_layer + full
 
 
-def _cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
+def cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
     """config.json of a local model folder, or of the newest snapshot in the Hugging Face cache."""
     local = Path(name).expanduser() / "config.json"
     candidates = [local]
@@ -183,13 +184,16 @@ def _cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
     return None
 
 
-def shape_of(recipe: Recipe, environ: Mapping[str, str]) -> tuple[Shape | None, str]:
+def shape_of(recipe: Recipe, environ: Mapping[str, str], fetched: Mapping | None = None) -> tuple[Shape | None, str]:
+    """`fetched`: config.json as the launcher read it from the hub (entrypoint/hub.py), if it did."""
     spec = recipe.model.random_init
     if spec is not None:
         return Shape.from_random_init(spec), "random_init shape"
-    config = _cached_config(recipe.model.name, environ)
+    config, where = cached_config(recipe.model.name, environ), ""
+    if config is None and fetched is not None:
+        config, where = fetched, " from the hub"
     shape = Shape.from_config(config) if config else None
-    return shape, (f"config.json of {recipe.model.name}" if shape else "")
+    return shape, (f"config.json of {recipe.model.name}{where}" if shape else "")
 
 
 def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
@@ -223,8 +227,8 @@ def _estimate(
     )
 
 
-def estimate(recipe: Recipe, environ: Mapping[str, str] | None = None) -> Estimate:
-    shape, source = shape_of(recipe, os.environ if environ is None else environ)
+def estimate(recipe: Recipe, environ: Mapping[str, str] | None = None, fetched: Mapping | None = None) -> Estimate:
+    shape, source = shape_of(recipe, os.environ if environ is None else environ, fetched)
     if shape is not None:
         return estimate_from_shape(recipe, shape, source)
     params_b, source = parameter_count_b(recipe)

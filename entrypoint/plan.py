@@ -308,9 +308,11 @@ def make(
     environ: dict[str, str],
     cwd: str,
     python: str = sys.executable,
+    hub_config: dict | None = None,
 ) -> Plan:
+    """`hub_config`: the model's config.json as read from the hub by the act step, if it was."""
     exports.check_possible(loaded.recipe, environ)
-    est = memory.estimate(loaded.recipe, environ)
+    est = memory.estimate(loaded.recipe, environ, hub_config)
     mode, chosen, processes, reason = choose(request, loaded, gpus, est)
     placement.check_fsdp_switch(mode, environ)
     placement.check_exports(mode, loaded.recipe.output.save)

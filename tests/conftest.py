@@ -48,6 +48,7 @@ training:
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env["HF_HUB_OFFLINE"] = "1"  # tests never reach the network; test_hub.py stands in for the hub
     env.update(extra)
     return env
 

@@ -27,7 +27,7 @@ PLAN_KEYS = {
     [
         (["run", "smoke"], {"PARALLELISM": "sideways"}, "PARALLELISM='sideways' is not a mode"),
         (["run", "smoke"], {"NUM_GPUS": "0"}, "NUM_GPUS='0' must be at least 1"),
-        (["run", "smoke"], {"NUM_GPUS": "lots"}, "NUM_GPUS='lots' is not a number"),
+        (["run", "smoke"], {"NUM_GPUS": "lots"}, "NUM_GPUS='lots' is not a whole number"),
         (["run", "smoke"], {"NUM_GPUS": "2"}, "NUM_GPUS=2 needs GPUs but none is visible"),
         (["run", "smoke"], {"PARALLELISM": "model", "LOCAL_RANK": "1"}, "PARALLELISM=model refused"),
         (["run", "no-such-recipe"], {}, "unknown recipe 'no-such-recipe'"),

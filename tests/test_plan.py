@@ -181,7 +181,7 @@ def test_cluster_variables_are_not_mistaken_for_a_launcher():
         ({"PARALLELISM": "tensor"}, "2x80", "PARALLELISM='tensor' is not a mode"),
         ({"NUM_GPUS": "0"}, "2x80", "NUM_GPUS='0' must be at least 1"),
         ({"NUM_GPUS": "-2"}, "2x80", "NUM_GPUS='-2' must be at least 1"),
-        ({"NUM_GPUS": "two"}, "2x80", "NUM_GPUS='two' is not a number"),
+        ({"NUM_GPUS": "two"}, "2x80", "NUM_GPUS='two' is not a whole number"),
         ({"NUM_GPUS": "3"}, "2x80", r"NUM_GPUS=3 but only 2 GPU\(s\) are visible \(0,1\)"),
         ({"PARALLELISM": "ddp"}, "none", "needs GPUs but none is visible: did the container get --gpus all"),
         ({"PARALLELISM": "single", "NUM_GPUS": "2"}, "2x80", "PARALLELISM=single uses one GPU but NUM_GPUS=2"),

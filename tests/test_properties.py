@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from entrypoint import cli, environment, gpus, plan
-from recipes import catalog
+from recipes import catalog, placement
 from recipes.errors import BadInput
 from recipes.schema import Recipe
 
@@ -43,6 +43,7 @@ environments = st.fixed_dictionaries(
         "LOCAL_RANK": st.sampled_from(["0", "1"]),
         "WORLD_SIZE": numbers,
         "RANK": numbers,
+        "UNSLOTH_FSDP2": st.sampled_from(["0", "1", ""]),
     },
 )
 
@@ -59,8 +60,9 @@ def test_every_environment_plans_or_is_refused_with_the_value_named(env, gpu_cou
         assert any(name in message for name in env) or "GPU" in message or "recipe" in message, message
         return
     assert p.num_processes >= 1 and p.num_machines >= 1 and 0 <= p.machine_rank < p.num_machines
-    assert p.mode in ("single", "ddp", "model")
-    assert (p.mode == "ddp") == (p.accelerate_config is not None)
+    assert p.mode in placement.MODES
+    assert (p.mode in placement.MULTI_PROCESS) == (p.accelerate_config is not None)
+    assert p.mode != "fsdp" or (p.num_processes >= 2 and p.env["UNSLOTH_FSDP2"] == "1")
     assert p.mode != "model" or (p.num_processes == 1 and p.num_machines == 1 and "LOCAL_RANK" not in env)
 
 

@@ -1,0 +1,71 @@
+"""One read from the Hugging Face hub before planning: a model's config.json, so the memory
+planner can count its exact parameters when neither a local folder nor the cache has it.
+
+Acting, not planning: the planner stays pure and receives the parsed file as data. One plain
+GET with a short timeout and no retries (huggingface_hub retries a dead network for ~20 s);
+skipped offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) and for local or random-init models;
+never fatal: without it the estimate falls back to the parameter count in the name. Nothing is
+written: the download proper happens in the training program, into the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+from entrypoint import memory
+from recipes.schema import Recipe
+
+TIMEOUT_S = 3.0
+DEFAULT_ENDPOINT = "https://huggingface.co"
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def offline(environ: Mapping[str, str]) -> bool:
+    return any(environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_VARIABLES)
+
+
+def needs_fetch(recipe: Recipe, environ: Mapping[str, str]) -> bool:
+    """A hub id whose config.json is neither local nor cached, and the hub may be asked."""
+    name = recipe.model.name
+    if recipe.model.random_init is not None or offline(environ):
+        return False
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).expanduser().exists():
+        return False
+    return memory.cached_config(name, environ) is None
+
+
+def fetch_config(name: str, environ: Mapping[str, str], timeout_s: float = TIMEOUT_S) -> tuple[dict | None, str]:
+    """(config.json parsed, or None; a one-line account for the plan's output)."""
+    endpoint = (environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    url = f"{endpoint}/{urllib.parse.quote(name)}/resolve/main/config.json"
+    request = urllib.request.Request(url)
+    token = next((environ[v] for v in TOKEN_VARIABLES if environ.get(v)), None)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            config = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            why = "gated or private: set HF_TOKEN" if not token else "HF_TOKEN has no access to it"
+        else:
+            why = f"HTTP {exc.code}"
+        return None, f"config.json of {name} not read from the hub ({why})"
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return None, f"config.json of {name} not read from the hub ({reason}); set HF_HUB_OFFLINE=1 to skip"
+    if not isinstance(config, dict):
+        return None, f"config.json of {name} from the hub is not a JSON object"
+    return config, f"config.json of {name} read from the hub"
+
+
+def config_for_planning(recipe: Recipe, environ: Mapping[str, str]) -> tuple[dict | None, str | None]:
+    if not needs_fetch(recipe, environ):
+        return None, None
+    return fetch_config(recipe.model.name, environ)
