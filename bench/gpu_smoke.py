@@ -1,6 +1,6 @@
 """Prove the image's code path on a real GPU: the smoke recipe through the launcher in every
-mode one GPU allows (single, model parallel on one GPU, ddp with NUM_GPUS=1), plus the trap
-refused on real GPUs. Writes one JSON file and a markdown table.
+mode one GPU allows (single, model parallel on one GPU, ddp with NUM_GPUS=1), plus what must be
+refused on real GPUs (the trap; fsdp with one GPU). Writes one JSON file and a markdown table.
 
     python bench/gpu_smoke.py --out docs/benchmarks/gpu-smoke
 """
@@ -22,7 +22,10 @@ CASES = [
     ("model, one GPU", {"PARALLELISM": "model", "NUM_GPUS": "1"}),
     ("ddp, NUM_GPUS=1", {"PARALLELISM": "ddp", "NUM_GPUS": "1"}),
 ]
-TRAP = ("model under a launcher", {"PARALLELISM": "model", "LOCAL_RANK": "0"})
+REFUSED = [
+    ("the trap: model under a launcher", {"PARALLELISM": "model", "LOCAL_RANK": "0"}),
+    ("fsdp with one GPU", {"PARALLELISM": "fsdp"}),
+]
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,21 +83,25 @@ def main() -> int:
                 }
             )
             print(json.dumps(rows[-1], indent=1), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        label, env = TRAP
-        done = launcher(env, Path(tmp), "run", "smoke")
-        trap = {
-            "case": label,
-            "exit_status": done.returncode,
-            "message": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "",
-            "nothing_written": not any(Path(tmp).iterdir()),
-        }
-        print(json.dumps(trap, indent=1), flush=True)
+    refused = []
+    for label, env in REFUSED:
+        with tempfile.TemporaryDirectory() as tmp:
+            done = launcher(env, Path(tmp), "run", "smoke")
+            refused.append(
+                {
+                    "case": label,
+                    "env": env,
+                    "exit_status": done.returncode,
+                    "message": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "",
+                    "nothing_written": not any(Path(tmp).iterdir()),
+                }
+            )
+            print(json.dumps(refused[-1], indent=1), flush=True)
     result = {
         "machine": {"gpu": gpu_name(), "python": platform.python_version()},
         "command": f"python bench/gpu_smoke.py --out {args.out}",
         "runs": rows,
-        "trap": trap,
+        "refused": refused,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,11 +122,13 @@ def main() -> int:
             f"| {r['case']} | {r['exit_status']} | {r['mode']} | `{json.dumps(r['device_map'])}` | "
             f"{r['device']} | {loss} | {r['adapter_written']} | {peak} |"
         )
-    lines += ["", f"Trap ({trap['case']}): exit {trap['exit_status']}, nothing written: {trap['nothing_written']}.", ""]
-    lines += [f"> {trap['message']}", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    for r in refused:
+        lines += ["", f"Refused, {r['case']}: exit {r['exit_status']}, nothing written: {r['nothing_written']}.", ""]
+        lines += [f"> {r['message']}"]
+    out.with_suffix(".md").write_text("\n".join([*lines, ""]))
     failed = [r for r in rows if r["exit_status"] != 0 or not r["adapter_written"]]
-    return 1 if failed or trap["exit_status"] != 2 else 0
+    wrongly = [r for r in refused if r["exit_status"] != 2 or not r["nothing_written"]]
+    return 1 if failed or wrongly else 0
 
 
 if __name__ == "__main__":
