@@ -219,18 +219,25 @@ def choose(
             f"of this job (fsdp) still ~{sharded} GiB per GPU; use {smaller}, a shorter "
             f"model.max_seq_length or batch, or more machines"
         )
-    total_memory = sum(g.memory_gib or 0 for g in chosen)
-    if not memory.fits(est.total_gib, total_memory):
-        raise BadInput(
-            f"recipe {name} needs {size} but the {wanted} GPU(s) in use have {total_memory:g} GiB "
-            f"together; use {smaller}, a shorter model.max_seq_length or batch, more GPUs, or set "
-            f"PARALLELISM explicitly to try anyway"
-        )
-    return (
-        "model",
-        chosen,
-        1,
-        (f"auto: the model ({size}) does not fit one {one:g} GiB GPU, so one process splits it over {wanted}"),
+    # Model parallel over the fewest GPUs whose share fits: more would only add hops between them
+    # (one process runs the layers in turn) and hold GPUs that other jobs could use.
+    counts = [wanted] if request.num_gpus is not None else range(2, wanted + 1)
+    for k in counts:
+        share = memory.per_gpu_gib(est, "model", 1, k, one)
+        if share is not None and memory.fits(share, one):
+            of = f" of the {wanted}" if k < wanted else ""
+            return (
+                "model",
+                chosen[:k],
+                1,
+                f"auto: the model ({size}) does not fit one {one:g} GiB GPU, so one process splits it over "
+                f"{k}{of} GPUs (~{share} GiB each)",
+            )
+    share = memory.per_gpu_gib(est, "model", 1, wanted, one)
+    raise BadInput(
+        f"recipe {name} needs {size}, and split over the {wanted} GPU(s) in use still ~{share} GiB on each "
+        f"{one:g} GiB GPU; use {smaller}, a shorter model.max_seq_length or batch, more GPUs, or set "
+        f"PARALLELISM explicitly to try anyway"
     )
 
 

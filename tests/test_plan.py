@@ -87,8 +87,26 @@ def test_auto_picks_model_parallel_when_the_model_cannot_fit_one_gpu(big_recipe)
     assert "does not fit one 80 GiB GPU" in p.reason
 
 
+def test_auto_splits_a_model_over_the_fewest_gpus_it_needs(big_recipe):
+    loaded = catalog.load(str(big_recipe))
+    p = make({}, gpus.assumed("8x80"), loaded=loaded)
+    k = len(p.gpu_ids)
+    assert p.mode == "model" and 1 < k < 8 and f"over {k} of the 8 GPUs" in p.reason
+    assert p.env["CUDA_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(k))
+    assert p.memory["per_gpu_gib"] <= 80 * 0.92
+    fewer = plan.memory.per_gpu_gib(plan.memory.estimate(loaded.recipe, {}), "model", 1, k - 1, 80)
+    assert fewer > 80 * 0.92, "one GPU fewer would not fit"
+
+
+def test_an_explicit_num_gpus_is_used_whole_by_auto_model_parallel(big_recipe):
+    p = make({"NUM_GPUS": "8"}, gpus.assumed("8x80"), loaded=catalog.load(str(big_recipe)))
+    assert p.mode == "model" and len(p.gpu_ids) == 8
+
+
 def test_auto_refuses_with_numbers_when_nothing_fits(big_recipe):
-    with pytest.raises(BadInput, match=r"needs ~\d+.* GiB but the 2 GPU\(s\) in use have 48 GiB"):
+    with pytest.raises(
+        BadInput, match=r"needs ~\d+.* GiB, and split over the 2 GPU\(s\) in use still ~[\d.]+ GiB on each 24 GiB GPU"
+    ):
         make({"NUM_GPUS": "2"}, INVENTORIES["4x24"], loaded=catalog.load(str(big_recipe)))
 
 
