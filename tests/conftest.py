@@ -33,6 +33,18 @@ LAUNCHER_VARIABLES = (
     "NVIDIA_VISIBLE_DEVICES",
 )
 
+# config.json of Llama 3.1 8B, as the hub serves it (the fields the memory planner reads).
+LLAMA_3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+}
+
 BIG_RECIPE = """
 model:
   name: meta-llama/Llama-3.3-70B-Instruct

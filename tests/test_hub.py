@@ -11,19 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import clean_env, run_cli, write_recipe
+from conftest import LLAMA_3_8B, clean_env, run_cli, write_recipe
 
 from entrypoint import hub
 from recipes import catalog
 
-LLAMA_3_8B = {
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-}
 TOKEN = "hf_not_a_real_token"
 RECIPE = """
 model: {{name: {name}, load_in: 4bit, max_seq_length: 2048}}

@@ -6,21 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_recipe
+from conftest import LLAMA_3_8B, write_recipe
 
 from entrypoint import memory
 from recipes import catalog
 
-LLAMA_3_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "tie_word_embeddings": False,
-}
 RECIPE = """
 model: {{name: {name}, load_in: {load}, max_seq_length: 2048}}
 data: {{source: org/data, format: text}}
