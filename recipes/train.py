@@ -155,6 +155,17 @@ def make_trainer(recipe: Recipe, model, tokenizer, dataset, out: Path, precision
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
 
 
+def save_trained(model, tokenizer, folder: Path) -> None:
+    """The adapter that trained (or the whole model, for full fine-tuning), and the tokenizer.
+
+    TRL's DPOTrainer adds a frozen copy of the starting adapter, "ref", as its reference model;
+    it is the untrained starting point, not a result (and under fsdp its shards are not gathered).
+    """
+    options = {"selected_adapters": [model.active_adapter]} if hasattr(model, "peft_config") else {}
+    model.save_pretrained(str(folder), **options)
+    tokenizer.save_pretrained(str(folder))
+
+
 def fix_cpu_ddp_resume(trainer) -> None:
     """transformers (5.17) loads the optimizer state of a multi-process run with
     map_location=args.device, which on the CPU is "cpu:0": torch.load cannot restore to that, so
@@ -281,8 +292,7 @@ def run(args: argparse.Namespace) -> int:
         fingerprints = [f for f in fingerprints if f is not None]
         if trainer.accelerator.is_main_process:
             with atomic.folder(out / final) as tmp:  # a crash never leaves half an adapter
-                trainer.model.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+                save_trained(trainer.model, tokenizer, tmp)
             exported = exports.write(trainer.model, tokenizer, out, recipe)
     if trainer.accelerator.is_main_process:
         wall = time.time() - STARTED

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import clean_env, run_cli, run_training_program
+from conftest import ROOT, clean_env, run_cli, run_training_program
 
 pytestmark = pytest.mark.e2e
 
@@ -103,6 +103,21 @@ def test_fsdp_full_fine_tuning_holds_half_the_model_per_rank_and_saves_it_whole(
     held = m["trainable_elements_per_rank"]
     assert held[0] == held[1] and sum(held) == sum(t.numel() for t in base.values()), "each rank holds half"
     assert any(not saved[k].equal(base[k]) for k in base) and m["final_loss"] < m["first_loss"]
+
+
+def test_fsdp_trains_dpo_and_saves_the_trained_adapter_whole(tmp_path):
+    recipe = ROOT / "tests" / "recipes" / "tiny-dpo.yaml"
+    env = clean_env(CPU_PROCESSES="2", PARALLELISM="fsdp")
+    done = run_cli("run", str(recipe), "training.max_steps=10", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "outputs" / "tiny-dpo"
+    assert metrics(out)["mode"] == "fsdp"
+    tensors = adapter_tensors(out)
+    rank = 16  # the recipe's lora.r: a shard would have half of it
+    assert all(t.shape[0] == rank for name, t in tensors.items() if "lora_A" in name)
+    assert all(t.shape[1] == rank for name, t in tensors.items() if "lora_B" in name)
+    assert any("lora_A" in name for name in tensors)
+    assert not (out / "adapter" / "ref").exists()
 
 
 def test_training_program_refuses_model_mode_under_a_multi_process_launch(tmp_path):

@@ -27,7 +27,9 @@ def test_each_method_trains_and_its_loss_falls(tmp_path, recipe, falls_to):
     m = metrics(tmp_path / "outputs" / recipe)
     assert m["steps"] == 30
     assert m["final_loss"] < falls_to * m["first_loss"], m["losses"]
-    assert (tmp_path / "outputs" / recipe / "adapter" / "adapter_config.json").is_file()
+    adapter = tmp_path / "outputs" / recipe / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert [p.name for p in adapter.iterdir() if p.is_dir()] == [], "only the trained adapter (DPO's 'ref' is not)"
 
 
 def test_overrides_change_the_run(tmp_path):
