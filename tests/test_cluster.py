@@ -147,7 +147,8 @@ def free_port() -> int:
 
 
 @pytest.mark.e2e
-def test_two_nodes_on_one_host_train_together_and_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_nodes_on_one_host_train_together_and_end_with_identical_weights(tmp_path, parallelism):
     port = str(free_port())
     nodes = []
     for rank in (0, 1):
@@ -157,6 +158,7 @@ def test_two_nodes_on_one_host_train_together_and_end_with_identical_weights(tmp
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=port,
             CPU_PROCESSES="1",
+            PARALLELISM=parallelism,
             OUTPUTS_DIR=str(tmp_path / "shared"),
             PYTHONPATH=str(ROOT),
         )
@@ -172,9 +174,13 @@ def test_two_nodes_on_one_host_train_together_and_end_with_identical_weights(tmp
     assert statuses == [0, 0], logs
     out = Path(tmp_path / "shared" / "smoke")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["mode"] == "ddp"
-    first, second = metrics["trainable_fingerprints"]
-    assert first == second
+    assert metrics["world_size"] == 2 and metrics["mode"] == parallelism
+    if parallelism == "ddp":  # each node holds the whole model, and the two agree
+        first, second = metrics["trainable_fingerprints"]
+        assert first == second
+    else:  # one model, sharded across the two nodes
+        held = metrics["trainable_elements_per_rank"]
+        assert len(metrics["trainable_fingerprints"]) == 1 and held[0] == held[1] > 0
     assert metrics["final_loss"] < metrics["first_loss"]
     assert sorted(p.name for p in (out / "launch").iterdir()) == ["node-0", "node-1"]
     assert list(out.rglob("adapter_model.safetensors")) == [out / "adapter" / "adapter_model.safetensors"]
