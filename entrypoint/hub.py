@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from entrypoint import memory
+from entrypoint.environment import TRUE_WORDS
 from recipes.schema import Recipe
 
 TIMEOUT_S = 3.0
@@ -27,7 +28,7 @@ TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def offline(environ: Mapping[str, str]) -> bool:
-    return any(environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_VARIABLES)
+    return any(environ.get(name, "").strip().lower() in TRUE_WORDS for name in OFFLINE_VARIABLES)
 
 
 def needs_fetch(recipe: Recipe, environ: Mapping[str, str]) -> bool:
@@ -35,7 +36,7 @@ def needs_fetch(recipe: Recipe, environ: Mapping[str, str]) -> bool:
     name = recipe.model.name
     if recipe.model.random_init is not None or offline(environ):
         return False
-    if name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).expanduser().exists():
+    if not memory.is_hub_id(name) or Path(name).exists():  # a local folder that looks like org/model
         return False
     return memory.cached_config(name, environ) is None
 
@@ -57,7 +58,7 @@ def fetch_config(name: str, environ: Mapping[str, str], timeout_s: float = TIMEO
         else:
             why = f"HTTP {exc.code}"
         return None, f"config.json of {name} not read from the hub ({why})"
-    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors
         reason = getattr(exc, "reason", exc)
         return None, f"config.json of {name} not read from the hub ({reason}); set HF_HUB_OFFLINE=1 to skip"
     if not isinstance(config, dict):

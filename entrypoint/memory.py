@@ -165,6 +165,11 @@ class Shape:
         return self.layers * per_layer + full
 
 
+def is_hub_id(name: str) -> bool:
+    """An "org/model" name is a hub repository; paths (absolute, relative, home) are not."""
+    return name.count("/") == 1 and not name.startswith(("/", ".", "~"))
+
+
 def cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
     """config.json of a local model folder, or of the newest snapshot in the Hugging Face cache."""
     local = Path(name).expanduser() / "config.json"
@@ -172,7 +177,7 @@ def cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
     hub_cache = environ.get("HF_HUB_CACHE") or str(
         Path(environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
     )
-    if "/" in name and not name.startswith(("/", ".")):
+    if is_hub_id(name):
         snapshots = Path(hub_cache) / f"models--{name.replace('/', '--')}" / "snapshots"
         if snapshots.is_dir():
             candidates += sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
