@@ -6,13 +6,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: smoke test lint clean
+.PHONY: smoke test lint lock clean
 
-$(STAMP): requirements/cpu-dev.txt requirements/unsloth.txt pyproject.toml
+# Every package is pinned in a lock and installed with --no-deps: nothing is resolved here, so
+# what the package index publishes later cannot change this environment (requirements/lock.py).
+$(STAMP): requirements/cpu-dev.lock requirements/unsloth.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -r requirements/cpu-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements/cpu-dev.lock
 	$(PY) -m pip install --quiet --no-deps -r requirements/unsloth.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
@@ -23,6 +23,11 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# Re-resolve requirements/*.in into their locks as of now (after editing an .in file, or to take
+# newer releases on purpose); commit the .in and .lock files together.
+lock: $(STAMP)
+	$(PY) requirements/lock.py write
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

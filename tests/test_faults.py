@@ -34,14 +34,14 @@ def start(tmp_path: Path, *overrides: str, **env: str) -> subprocess.Popen:
     )
 
 
-def wait_until_training(out: Path, launcher: subprocess.Popen, seconds: float = 120) -> None:
-    """TensorBoard's event file appears when the first step begins."""
+def wait_until_training(log: Path, launcher: subprocess.Popen, steps: int = 3, seconds: float = 300) -> None:
+    """Until the run has logged `steps` losses (it logs every step: logging.steps=1), however slow
+    the machine: a fixed sleep would send the signal before the first step on a busy one."""
     deadline = time.time() + seconds
-    while not list((out / "tensorboard").glob("events.*")):
+    while log.read_text(errors="replace").count("{'loss'") < steps:
         assert launcher.poll() is None, "the run ended before training began"
-        assert time.time() < deadline, "training never began"
+        assert time.time() < deadline, f"no {steps} training steps within {seconds} s"
         time.sleep(0.2)
-    time.sleep(1.5)  # some steps in
 
 
 def metrics(out: Path) -> dict:
@@ -56,7 +56,7 @@ def test_sigterm_mid_training_checkpoints_exits_143_within_the_grace_period_and_
     out = tmp_path / "outputs" / "smoke"
     shape = {"CPU_PROCESSES": processes, "PARALLELISM": parallelism}
     launcher = start(tmp_path, "training.max_steps=20000", "logging.steps=1", **shape)
-    wait_until_training(out, launcher)
+    wait_until_training(tmp_path / "launcher.log", launcher)
     sent = time.time()
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=GRACE_S) == 128 + signal.SIGTERM
@@ -102,9 +102,14 @@ def test_a_dead_rank_ends_the_whole_job_promptly_instead_of_hanging(tmp_path):
     out = tmp_path / "outputs" / "smoke"
     marker = str(tmp_path / "outputs")  # in every rank's environment, so this run's ranks can be found
     launcher = start(
-        tmp_path, "training.max_steps=20000", "training.collective_timeout_s=60", CPU_PROCESSES="2", OUTPUTS_DIR=marker
+        tmp_path,
+        "training.max_steps=20000",
+        "training.collective_timeout_s=60",
+        "logging.steps=1",
+        CPU_PROCESSES="2",
+        OUTPUTS_DIR=marker,
     )
-    wait_until_training(out, launcher)
+    wait_until_training(tmp_path / "launcher.log", launcher)
     ranks = ranks_of(marker)
     assert set(ranks) == {"0", "1"}
     killed = time.time()

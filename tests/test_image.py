@@ -1,5 +1,5 @@
 """The ways users run it: the Dockerfile (lint, what it copies, its volumes, its very command),
-docker-compose.yml and the Kubernetes files (against their schemas), and the lock file.
+docker-compose.yml and the Kubernetes files (against their schemas).
 CI has the docker client only, so the image's command runs here on the CPU, as written."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -242,53 +241,3 @@ def test_every_one_pod_job_plans_the_mode_it_names_on_the_gpus_it_requests(name,
     p = plan.make(environment.read(env), loaded, gpus.assumed(f"{count}x80"), env, "/workspace", python="python")
     assert p.mode == environment.parse_parallelism(env["PARALLELISM"]) and not p.warnings
     assert len(p.gpu_ids) == count
-
-
-# ---- the lock
-
-
-def pins(path: Path) -> dict[str, str]:
-    result = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if "==" in line:
-            name, _, version = line.partition("==")
-            result[name.strip().lower().replace("_", "-")] = version.strip()
-    return result
-
-
-def test_the_lock_agrees_with_its_inputs_pyproject_and_the_dev_environment():
-    lock = pins(ROOT / "requirements" / "image.lock")
-    for name, version in pins(ROOT / "requirements" / "image.in").items():
-        assert lock[name] == version, name
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    for requirement in project["project"]["dependencies"]:
-        name = re.split(r"[<>=!~ ]", requirement)[0].lower()
-        assert name in lock, requirement
-    dev = pins(ROOT / "requirements" / "cpu-dev.txt") | pins(ROOT / "requirements" / "unsloth.txt")
-    for name in ("transformers", "trl", "datasets", "peft", "accelerate", "unsloth", "unsloth-zoo", "pydantic"):
-        assert dev[name] == lock[name], name
-
-
-def test_the_lock_resolves_for_linux_x86_64_python_3_12(tmp_path):
-    fresh = tmp_path / "image.lock"
-    done = subprocess.run(
-        [
-            str(BIN / "uv"),
-            "pip",
-            "compile",
-            str(ROOT / "requirements" / "image.in"),
-            "--python-version",
-            "3.12",
-            "--python-platform",
-            "x86_64-manylinux_2_28",
-            "--no-header",
-            "--output-file",
-            str(fresh),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert pins(fresh) == pins(ROOT / "requirements" / "image.lock")
