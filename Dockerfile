@@ -36,6 +36,7 @@ RUN python3.12 -m venv /opt/venv \
     && find /opt/venv -name '*.pyc' -delete
 COPY entrypoint /app/entrypoint
 COPY recipes /app/recipes
+COPY trainer /app/trainer
 RUN /opt/venv/bin/python -m compileall -q /app /opt/venv/lib/python3.12/site-packages > /dev/null || true
 
 # ---- runtime: the CUDA base, Python, tini, the venv and the app; nothing else

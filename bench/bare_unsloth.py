@@ -17,7 +17,7 @@ import unsloth  # noqa: E402, F401
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 from unsloth import FastLanguageModel  # noqa: E402
 
-from recipes import progress  # noqa: E402
+from trainer import progress  # noqa: E402
 
 model_dir, data_file, load, steps, result_file = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 model, tokenizer = FastLanguageModel.from_pretrained(

@@ -51,7 +51,7 @@ def main() -> int:
     for key, run in sorted(data["runs"].items()):
         if run["stack"] != "launcher" or "error" in run:
             continue
-        est = memory.estimate(bench_recipe(run["size"], run["load"]), {})
+        est = memory.estimate(bench_recipe(run["size"], run["load"]))
         estimated = round(est.total_gib - memory.CUDA_OVERHEAD_GIB, 2)
         measured = max(run["peak_memory_gib"].values())
         rows.append(

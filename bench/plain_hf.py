@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # 
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from recipes import progress  # noqa: E402
+from trainer import progress  # noqa: E402
 
 model_dir, data_file, load, steps, result_file = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 quantization = None

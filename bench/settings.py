@@ -66,7 +66,7 @@ def synthetic_rows(count: int, seed: int = 0) -> list[str]:
 
 def prepare(size: str, steps: int, work: Path) -> tuple[Path, Path]:
     """-> (model folder, data file); built once per size and reused."""
-    from recipes import random_model
+    from trainer import random_model
 
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"synthetic-{steps * BATCH + 16}.jsonl"

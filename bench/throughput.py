@@ -25,7 +25,7 @@ from pathlib import Path
 import settings
 
 from entrypoint import memory
-from recipes import progress
+from trainer import progress
 
 BENCH = Path(__file__).resolve().parent
 STACKS = ("launcher", "unsloth", "hf")

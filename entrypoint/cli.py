@@ -21,21 +21,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from entrypoint import doctor, environment, gpus, hub, launch
+from entrypoint import doctor, environment, host, launch
 from entrypoint.plan import Plan, make
 from recipes import catalog
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 
 COMMANDS = ("run", "plan", "list", "show", "validate", "doctor")
 
-ENV_HELP = """environment:
-  PARALLELISM    auto (default) | single | ddp | fsdp (fsdp2, sharded) | model (balanced, model-parallel, mp)
-  NUM_GPUS       a positive integer, or all (default: every visible GPU)
-  CPU_PROCESSES  train on the CPU with N processes (gloo), for tiny recipes and tests
-  ALLOW_CPU      1: let a GPU recipe train on the CPU when no GPU is visible
-  RECIPE         the recipe when the command line names none
-  OUTPUTS_DIR    folder for run outputs, one sub-folder per recipe (default: outputs)
-"""
+ENV_HELP = environment.contract_help()
 
 
 class Parser(argparse.ArgumentParser):
@@ -96,14 +89,15 @@ def recipe_name(args: argparse.Namespace, request: environment.Request) -> str:
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
+    """The one gate: the environment (a Request) and this machine's facts (a Host) are read here,
+    then handed to the pure planner."""
     environ = dict(os.environ)
     request = environment.read(environ)
     loaded = catalog.load(recipe_name(args, request), args.overrides)
-    inventory = gpus.assumed(args.assume_gpus) if args.assume_gpus else gpus.discover(environ)
-    config, note = hub.config_for_planning(loaded.recipe, environ)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    return make(request, loaded, inventory, environ, os.getcwd(), hub_config=config)
+    facts = host.gather(environ, loaded.recipe, os.getcwd(), assume_gpus=args.assume_gpus)
+    if facts.note:
+        print(f"note: {facts.note}", file=sys.stderr)
+    return make(request, loaded, facts)
 
 
 def print_plan(plan: Plan) -> None:

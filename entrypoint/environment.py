@@ -1,14 +1,7 @@
 """The environment contract: variables -> a validated `Request`. Pure: reads a mapping only.
 
-| variable        | values                                              | default |
-| PARALLELISM     | auto, single, ddp, fsdp (fsdp2, sharded), model (balanced, model-parallel, mp) | auto |
-| NUM_GPUS        | a positive integer, or all                          | all     |
-| CPU_PROCESSES   | train on the CPU with this many processes (gloo)    | unset   |
-| ALLOW_CPU       | 1/true: let any recipe run without a GPU            | unset   |
-| RECIPE          | the recipe when the command line names none         | unset   |
-| OUTPUTS_DIR     | folder that holds one sub-folder per recipe run     | outputs |
-
-Several machines (ddp and fsdp only), first match wins for each value:
+`CONTRACT` below is the one list of the launcher's own variables (the CLI's help prints it; a
+test holds README's table to it). Several machines (ddp and fsdp only), first match wins:
 | value          | ours          | Kubeflow Trainer v2 / torchrun | Kubeflow PyTorchJob             |
 | nodes          | NNODES        | PET_NNODES                     | WORLD_SIZE / PET_NPROC_PER_NODE |
 | this node      | NODE_RANK     | PET_NODE_RANK                  | RANK (the pod's index)          |
@@ -24,24 +17,72 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from recipes.catalog import DEFAULT_OUTPUTS_DIR
 from recipes.errors import BadInput, closest
+from recipes.modes import FSDP_SWITCH, OFF_WORDS, SPECS, Mode
 
-Parallelism = Literal["auto", "single", "ddp", "model", "fsdp"]
+Parallelism = Literal["auto"] | Mode
 
-PARALLELISM_ALIASES: dict[str, Parallelism] = {
-    "auto": "auto",
-    "single": "single",
-    "ddp": "ddp",
-    "data": "ddp",
-    "data-parallel": "ddp",
-    "fsdp": "fsdp",
-    "fsdp2": "fsdp",
-    "sharded": "fsdp",
-    "model": "model",
-    "balanced": "model",
-    "model-parallel": "model",
-    "mp": "model",
+# Every word PARALLELISM accepts -> its mode; the aliases come from the mode table.
+PARALLELISM_ALIASES: dict[str, Parallelism] = {"auto": "auto"} | {
+    word: name for name, spec in SPECS.items() for word in (name, *spec.aliases)
 }
+
+@dataclass(frozen=True)
+class Variable:
+    """One row of the contract, in README's markdown (backticks); the CLI's help drops them."""
+
+    name: str
+    values: str
+    default: str
+    meaning: str
+
+    def markdown(self) -> str:
+        return f"| `{self.name}` | {self.values} | {self.default} | {self.meaning} |"
+
+
+def _mode_values() -> str:
+    words = [
+        f"`{n}`" + (f" (aliases {', '.join(f'`{a}`' for a in s.aliases)})" if s.aliases else "")
+        for n, s in SPECS.items()
+    ]
+    return ", ".join(["`auto`", *words])
+
+
+MODE_WORDS = _mode_values().replace("`", "")  # for messages
+
+# The launcher's own variables: README's environment table shows exactly these rows (tested).
+CONTRACT = (
+    Variable("PARALLELISM", _mode_values(), "`auto`", "how to use the GPUs"),
+    Variable(
+        "NUM_GPUS",
+        "positive integer, or `all`",
+        "`all` visible",
+        "GPUs per machine (the first N visible). `1` under `ddp` is `single`",
+    ),
+    Variable(
+        "CPU_PROCESSES",
+        "positive integer",
+        "unset",
+        "train on the CPU with N processes per machine (gloo), under `ddp` (default) or `fsdp`; tiny recipes and tests",
+    ),
+    Variable("ALLOW_CPU", "`1` / `0`", "`0`", "let a GPU recipe train on the CPU when no GPU is visible"),
+    Variable("RECIPE", "bundled name or YAML path", "unset", "the recipe when the command line names none"),
+    Variable(
+        "OUTPUTS_DIR",
+        "folder",
+        f"`{DEFAULT_OUTPUTS_DIR}` (image: `/workspace/outputs`)",
+        "each run writes `OUTPUTS_DIR/<recipe name>/` unless the recipe sets `output.dir`",
+    ),
+)
+
+
+def contract_help() -> str:
+    """The contract for the command line's --help: the values, then what the variable does."""
+    width = max(len(v.name) for v in CONTRACT)
+    rows = [f"  {v.name:<{width}}  {v.values} (default: {v.default})\n  {'':<{width}}  {v.meaning}" for v in CONTRACT]
+    return ("environment:\n" + "\n".join(rows) + "\n").replace("`", "")
+
 
 # Set by torchrun / accelerate / torch.distributed.launch for each process they start. Cluster
 # operators (Kubeflow's PyTorchJob sets WORLD_SIZE and RANK on every pod) never set these, so
@@ -69,7 +110,7 @@ CLUSTER_VARIABLES = (
 )
 
 TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("", "0", "false", "no", "off")
+FALSE_WORDS = OFF_WORDS
 
 
 @dataclass(frozen=True)
@@ -92,9 +133,12 @@ class Request:
     cpu_processes: int | None = None
     allow_cpu: bool = False
     recipe: str | None = None
-    outputs_dir: str = "outputs"
+    outputs_dir: str = DEFAULT_OUTPUTS_DIR
     inside_launcher: str | None = None  # the per-process variable that gave it away
     cluster: Cluster = Cluster()
+    fsdp_switch: str | None = None  # UNSLOTH_FSDP2 as set by hand (the plan refuses it under other modes)
+    pythonpath: str = ""  # the child's PYTHONPATH starts from it
+    consumed: tuple[str, ...] = ()  # cluster variables that are set: the child must not see them
 
 
 def parse_flag(name: str, raw: str | None) -> bool:
@@ -112,8 +156,7 @@ def parse_parallelism(raw: str | None) -> Parallelism:
     word = (raw or "auto").strip().lower()
     if word in PARALLELISM_ALIASES:
         return PARALLELISM_ALIASES[word]
-    choices = "auto, single, ddp, fsdp (also fsdp2, sharded), model (also balanced, model-parallel, mp)"
-    raise BadInput(f"PARALLELISM={raw!r} is not a mode{closest(word, PARALLELISM_ALIASES)}; use one of {choices}")
+    raise BadInput(f"PARALLELISM={raw!r} is not a mode{closest(word, PARALLELISM_ALIASES)}; use one of {MODE_WORDS}")
 
 
 def parse_num_gpus(raw: str | None) -> int | None:
@@ -207,7 +250,10 @@ def read(environ: Mapping[str, str]) -> Request:
         cpu_processes=cpu_processes,
         allow_cpu=parse_flag("ALLOW_CPU", environ.get("ALLOW_CPU")),
         recipe=environ.get("RECIPE") or None,
-        outputs_dir=environ.get("OUTPUTS_DIR") or "outputs",
+        outputs_dir=environ.get("OUTPUTS_DIR") or DEFAULT_OUTPUTS_DIR,
         inside_launcher=inside,
         cluster=read_cluster(environ),
+        fsdp_switch=environ.get(FSDP_SWITCH),
+        pythonpath=environ.get("PYTHONPATH", ""),
+        consumed=tuple(name for name in CLUSTER_VARIABLES if name in environ),
     )

@@ -1,11 +1,12 @@
-"""One read from the Hugging Face hub before planning: a model's config.json, so the memory
-planner can count its exact parameters when neither a local folder nor the cache has it.
+"""A model's config.json, wherever it is, so the memory planner can count its exact parameters:
+a local model folder, the newest snapshot in the Hugging Face cache, or one read from the hub.
 
-Acting, not planning: the planner stays pure and receives the parsed file as data. One plain
-GET with a short timeout and no retries (huggingface_hub retries a dead network for ~20 s);
-skipped offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) and for local or random-init models;
-never fatal: without it the estimate falls back to the parameter count in the name. Nothing is
-written: the download proper happens in the training program, into the cache.
+Acting, not planning: entrypoint/host.py gathers it before planning and the planner receives
+the parsed file as data. The hub read is one plain GET with a short timeout and no retries
+(huggingface_hub retries a dead network for ~20 s); skipped offline (HF_HUB_OFFLINE /
+TRANSFORMERS_OFFLINE) and for local or random-init models; never fatal: without it the estimate
+falls back to the parameter count in the name. Nothing is written: the download proper happens
+in the training program, into the cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from entrypoint import memory
 from entrypoint.environment import TRUE_WORDS
 from recipes.schema import Recipe
 
@@ -25,6 +25,38 @@ TIMEOUT_S = 3.0
 DEFAULT_ENDPOINT = "https://huggingface.co"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def is_hub_id(name: str) -> bool:
+    """An "org/model" name is a hub repository; paths (absolute, relative, home) are not."""
+    return name.count("/") == 1 and not name.startswith(("/", ".", "~"))
+
+
+def cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
+    """config.json of a local model folder, or of the newest snapshot in the Hugging Face cache."""
+    local = Path(name).expanduser() / "config.json"
+    candidates = [local]
+    hub_cache = environ.get("HF_HUB_CACHE") or str(
+        Path(environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    )
+    if is_hub_id(name):
+        snapshots = Path(hub_cache) / f"models--{name.replace('/', '--')}" / "snapshots"
+        if snapshots.is_dir():
+            candidates += sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def local_config(recipe: Recipe, environ: Mapping[str, str]) -> tuple[dict | None, str]:
+    """(config.json from a local folder or the cache, or None; where it came from)."""
+    if recipe.model.random_init is not None:
+        return None, ""  # the shape is in the recipe itself
+    config = cached_config(recipe.model.name, environ)
+    return config, (f"config.json of {recipe.model.name}" if config is not None else "")
 
 
 def offline(environ: Mapping[str, str]) -> bool:
@@ -36,9 +68,9 @@ def needs_fetch(recipe: Recipe, environ: Mapping[str, str]) -> bool:
     name = recipe.model.name
     if recipe.model.random_init is not None or offline(environ):
         return False
-    if not memory.is_hub_id(name) or Path(name).exists():  # a local folder that looks like org/model
+    if not is_hub_id(name) or Path(name).exists():  # a local folder that looks like org/model
         return False
-    return memory.cached_config(name, environ) is None
+    return cached_config(name, environ) is None
 
 
 def fetch_config(name: str, environ: Mapping[str, str], timeout_s: float = TIMEOUT_S) -> tuple[dict | None, str]:
@@ -66,7 +98,11 @@ def fetch_config(name: str, environ: Mapping[str, str], timeout_s: float = TIMEO
     return config, f"config.json of {name} read from the hub"
 
 
-def config_for_planning(recipe: Recipe, environ: Mapping[str, str]) -> tuple[dict | None, str | None]:
-    if not needs_fetch(recipe, environ):
-        return None, None
-    return fetch_config(recipe.model.name, environ)
+def find_config(recipe: Recipe, environ: Mapping[str, str]) -> tuple[dict | None, str, str | None]:
+    """(config.json or None, where it came from, a note for the user or None): local or cached
+    first; else the hub, when it may be asked."""
+    config, source = local_config(recipe, environ)
+    if config is not None or not needs_fetch(recipe, environ):
+        return config, source, None
+    config, note = fetch_config(recipe.model.name, environ)
+    return config, (f"config.json of {recipe.model.name} from the hub" if config is not None else ""), note

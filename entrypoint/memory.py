@@ -1,28 +1,27 @@
 """Per-GPU memory of a recipe: when one GPU holds the whole model, and in each mode.
 
 Two levels of detail:
-- from the model's config.json (a random-init shape, a local model folder, the Hugging Face
-  cache, or the hub: the launcher reads it there before planning, entrypoint/hub.py, and hands
-  it in as data, so planning itself stays pure and offline): embeddings
+- from the model's config.json (a random-init shape, or what entrypoint/host.py found in a local
+  model folder, the Hugging Face cache or the hub, handed in as data: this module reads nothing,
+  so planning stays pure and offline): embeddings
   in 16 bits, every linear layer at its load type, LoRA's exact trainable parameters for the
   recipe's rank and target modules, activations from the hidden size;
 - otherwise from the parameter count (`model.size_b`, or the name: "Llama-3.1-8B" -> 8,
   "Mixtral-8x7B" -> 56) with average bytes per parameter.
 The constants are fitted to Unsloth's peaks measured on one H100 (docs/benchmarks/memory.md
 compares the two); the CUDA context is added on top for the "does it fit" decision.
-`per_gpu_gib` turns the one-GPU estimate into each mode's share.
+`per_gpu_gib` turns the one-GPU estimate into each mode's share, by the rule the mode table
+(recipes/modes.py) names for it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from recipes.modes import SPECS, Mode
 from recipes.schema import RandomInit, Recipe
 
 GIB = 1024**3
@@ -129,7 +128,7 @@ class Shape:
             intermediate=spec.intermediate_size,
             layers=spec.num_hidden_layers,
             heads=spec.num_attention_heads,
-            kv_heads=spec.num_key_value_heads or spec.num_attention_heads,
+            kv_heads=spec.kv_heads,
             head_dim=spec.hidden_size // spec.num_attention_heads,
             tied=False,  # random_model builds untied heads
         )
@@ -165,40 +164,13 @@ class Shape:
         return self.layers * per_layer + full
 
 
-def is_hub_id(name: str) -> bool:
-    """An "org/model" name is a hub repository; paths (absolute, relative, home) are not."""
-    return name.count("/") == 1 and not name.startswith(("/", ".", "~"))
-
-
-def cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
-    """config.json of a local model folder, or of the newest snapshot in the Hugging Face cache."""
-    local = Path(name).expanduser() / "config.json"
-    candidates = [local]
-    hub_cache = environ.get("HF_HUB_CACHE") or str(
-        Path(environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
-    )
-    if is_hub_id(name):
-        snapshots = Path(hub_cache) / f"models--{name.replace('/', '--')}" / "snapshots"
-        if snapshots.is_dir():
-            candidates += sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def shape_of(recipe: Recipe, environ: Mapping[str, str], fetched: Mapping | None = None) -> tuple[Shape | None, str]:
-    """`fetched`: config.json as the launcher read it from the hub (entrypoint/hub.py), if it did."""
+def shape_of(recipe: Recipe, config: Mapping | None, source: str) -> tuple[Shape | None, str]:
+    """The decoder's shape: the recipe's random-init one, else config.json (found by host.py)."""
     spec = recipe.model.random_init
     if spec is not None:
         return Shape.from_random_init(spec), "random_init shape"
-    config, where = cached_config(recipe.model.name, environ), ""
-    if config is None and fetched is not None:
-        config, where = fetched, " from the hub"
     shape = Shape.from_config(config) if config else None
-    return shape, (f"config.json of {recipe.model.name}{where}" if shape else "")
+    return shape, (source if shape else "")
 
 
 def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
@@ -232,8 +204,9 @@ def _estimate(
     )
 
 
-def estimate(recipe: Recipe, environ: Mapping[str, str] | None = None, fetched: Mapping | None = None) -> Estimate:
-    shape, source = shape_of(recipe, os.environ if environ is None else environ, fetched)
+def estimate(recipe: Recipe, config: Mapping | None = None, config_source: str = "") -> Estimate:
+    """`config`: the model's config.json as entrypoint/host.py found it (None: the name or size_b)."""
+    shape, source = shape_of(recipe, config, config_source)
     if shape is not None:
         return estimate_from_shape(recipe, shape, source)
     params_b, source = parameter_count_b(recipe)
@@ -252,16 +225,18 @@ def estimate(recipe: Recipe, environ: Mapping[str, str] | None = None, fetched: 
     return _estimate(params_b, weights, trainable, activations, source)
 
 
-def per_gpu_gib(est: Estimate, mode: str, processes: int, gpus: int, gpu_memory_gib: float | None) -> float | None:
-    """What one GPU holds in `mode`: the whole model (single, ddp); a slice of the weights and
-    trainable state (model: `gpus` GPUs of one process); under fsdp, a 1/`processes` share of
-    what FSDP2 shards (every rank of every machine holds one), plus the gathered blocks."""
+def per_gpu_gib(est: Estimate, mode: Mode, processes: int, gpus: int, gpu_memory_gib: float | None) -> float | None:
+    """What one GPU holds in `mode`, by its rule in the mode table: "whole", the whole model;
+    "split", a slice of the weights and trainable state (`gpus` GPUs of one process); "sharded",
+    a 1/`processes` share of what FSDP2 shards (every rank of every machine holds one), plus the
+    gathered blocks."""
     if est.params_b is None:
         return None
+    rule = SPECS[mode].memory
     fixed = est.activations_gib + CUDA_OVERHEAD_GIB  # every GPU runs its own batch (or, model, the pipeline's)
-    if mode == "model" and gpus > 1:
+    if rule == "split" and gpus > 1:
         return round((est.weights_gib + est.trainable_gib) / gpus + fixed, 2)
-    if mode == "fsdp" and processes > 1:
+    if rule == "sharded" and processes > 1:
         if gpu_memory_gib is not None and est.weights_gib <= FSDP_FIT_FRACTION * gpu_memory_gib:
             held = est.weights_gib + est.trainable_gib / processes
         else:

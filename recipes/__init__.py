@@ -1,1 +1,3 @@
-"""The recipe collection: YAML files, their schema, and the per-process training program."""
+"""The recipe collection (*.yaml, bundled data in datasets/) and what both the launcher and the
+training program read about it: the schema, the catalog, the data formats, the methods and the
+modes. Pure: pydantic and PyYAML only, never torch."""

@@ -19,9 +19,11 @@ from pydantic import BaseModel, ValidationError
 
 from recipes import formats
 from recipes.errors import BadInput, closest, format_validation_error
+from recipes.methods import METHODS, MOVED_KEYS
 from recipes.schema import SAFE_NAME, Recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent
+DEFAULT_OUTPUTS_DIR = "outputs"  # OUTPUTS_DIR's default: runs go to ./outputs/<recipe name>
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,23 @@ def all_dotted_keys() -> list[str]:
     return [f"{section}.{key}" if section else key for section, keys in schema_keys().items() for key in keys]
 
 
+def refuse_moved(key: str, where: str) -> None:
+    if key in MOVED_KEYS:
+        raise BadInput(
+            f"{key} ({where}) moved to {MOVED_KEYS[key]}; write it there "
+            f"(the override {MOVED_KEYS[key]}=VALUE, or that section in the recipe file)"
+        )
+
+
+def _moved_keys_in(raw: dict[str, Any], path: Path) -> None:
+    for key in MOVED_KEYS:
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            refuse_moved(key, f"in {path}")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Return a copy of raw with each `dotted.key=value` applied; BadInput on a bad override."""
     import copy
@@ -120,6 +139,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         key = key.strip()
         if not sep or not key:
             raise BadInput(f"override {item!r} is not key=value; write it like training.max_steps=100")
+        refuse_moved(key, "an override")
         section, _, leaf = key.rpartition(".")
         if section not in sections or leaf not in sections[section]:
             raise BadInput(
@@ -152,7 +172,9 @@ def _absolute_if_local(value: str, base: Path) -> str:
 
 def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
     path = locate(name_or_path)
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw = read_yaml(path)
+    _moved_keys_in(raw, path)
+    raw = apply_overrides(raw, overrides)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -185,5 +207,16 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Load
     return LoadedRecipe(recipe=recipe, path=path, overrides=tuple(overrides))
 
 
+def output_dir(recipe: Recipe, outputs_dir: str | None, cwd: str | Path) -> Path:
+    """Where a run writes: output.dir, else OUTPUTS_DIR/<recipe name>; relative to cwd."""
+    configured = recipe.output.dir
+    path = Path(configured) if configured else Path(outputs_dir or DEFAULT_OUTPUTS_DIR) / str(recipe.name)
+    return path if path.is_absolute() else Path(cwd) / path
+
+
 def to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    data = recipe.model_dump(mode="json")
+    for name in METHODS:  # only the method in use has its options section
+        if data["training"].get(name, "") is None:
+            del data["training"][name]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -1,9 +1,11 @@
-"""Exports beyond the adapter: merged 16-bit weights and GGUF (through llama.cpp).
+"""What the exports beyond the adapter need before training starts: merged 16-bit weights need
+nothing extra; GGUF needs a built llama.cpp (its `llama-quantize` and `convert_hf_to_gguf.py`)
+where Unsloth looks for it: $UNSLOTH_LLAMA_CPP_PATH, else ~/.unsloth/llama.cpp. Unsloth would
+otherwise try to download and build one after training, which fails offline and in a read-only
+container, so a recipe asking for GGUF without it is refused before anything loads.
 
-GGUF needs a built llama.cpp (its `llama-quantize` and `convert_hf_to_gguf.py`) where Unsloth
-looks for it: $UNSLOTH_LLAMA_CPP_PATH, else ~/.unsloth/llama.cpp. Unsloth would otherwise try
-to download and build one after training, which fails offline and in a read-only container,
-so `check_possible` refuses such a recipe before anything loads.
+Shared by the launcher (entrypoint/host.py looks, the plan refuses) and the training program,
+which checks again when started directly. Writing the exports is trainer/save.py's.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from recipes import atomic
 from recipes.errors import BadInput
 from recipes.schema import Recipe
 
@@ -25,12 +26,13 @@ def llama_cpp_folder(environ: Mapping[str, str]) -> Path:
     return Path(configured) if configured else Path.home() / ".unsloth" / "llama.cpp"
 
 
-def check_possible(recipe: Recipe, environ: Mapping[str, str]) -> None:
-    if "gguf" not in recipe.output.save:
-        return
-    folder = llama_cpp_folder(environ)
-    has_quantizer = any(os.access(folder / name, os.X_OK) for name in QUANTIZERS)
-    if not (has_quantizer and (folder / CONVERTER).is_file()):
+def llama_cpp_ready(folder: Path) -> bool:
+    """A built llama.cpp: a quantizer that runs and the converter script."""
+    return any(os.access(folder / name, os.X_OK) for name in QUANTIZERS) and (folder / CONVERTER).is_file()
+
+
+def refuse_gguf_without_llama_cpp(recipe: Recipe, folder: Path, ready: bool) -> None:
+    if "gguf" in recipe.output.save and not ready:
         raise BadInput(
             f"output.save asks for gguf, but llama.cpp (llama-quantize and {CONVERTER}) is not in "
             f"{str(folder)!r}; build llama.cpp there or point UNSLOTH_LLAMA_CPP_PATH at a built one, "
@@ -38,17 +40,7 @@ def check_possible(recipe: Recipe, environ: Mapping[str, str]) -> None:
         )
 
 
-def write(model, tokenizer, out: Path, recipe: Recipe) -> list[str]:
-    """Write each requested export whole (temp folder, then swap it in); return the folders."""
-    written = []
-    for kind in recipe.output.save:
-        if kind == "adapter":
-            continue  # saved by the training program itself
-        dest = out / kind
-        with atomic.folder(dest) as tmp:
-            if kind == "merged_16bit":
-                model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
-            else:
-                model.save_pretrained_gguf(str(tmp), tokenizer, quantization_method=recipe.output.gguf_quantization)
-        written.append(str(dest))
-    return written
+def check_possible(recipe: Recipe, environ: Mapping[str, str]) -> None:
+    """Look and refuse in one step (the training program, started directly)."""
+    folder = llama_cpp_folder(environ)
+    refuse_gguf_without_llama_cpp(recipe, folder, llama_cpp_ready(folder))

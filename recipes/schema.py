@@ -7,9 +7,11 @@ the value and the fix; `errors.format_validation_error` turns pydantic's errors 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from recipes.methods import DATA_FORMATS, METHODS
 
 # Unsloth's usual LoRA targets for dense decoders (Llama, Qwen, Gemma, Mistral).
 DEFAULT_TARGET_MODULES = [
@@ -55,13 +57,17 @@ class RandomInit(Strict):
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}; pick a head count that divides it"
             )
-        kv = self.num_key_value_heads or self.num_attention_heads
-        if self.num_attention_heads % kv:
+        if self.num_attention_heads % self.kv_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads {kv}; pick a KV head count that divides it"
+                f"num_key_value_heads {self.kv_heads}; pick a KV head count that divides it"
             )
         return self
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: as many as attention heads unless grouped-query attention says fewer."""
+        return self.num_key_value_heads or self.num_attention_heads
 
 
 class ModelConfig(Strict):
@@ -102,7 +108,7 @@ class LoraConfig(Strict):
         return value
 
 
-DataFormat = Literal["messages", "instruction", "text", "preference"]
+DataFormat = Literal[DATA_FORMATS]  # type: ignore[valid-type]  (the one list, in recipes/methods.py)
 
 
 class DataConfig(Strict):
@@ -119,8 +125,8 @@ class DataConfig(Strict):
     max_samples: PositiveInt | None = None
 
 
-class TrainingConfig(Strict):
-    method: Literal["sft", "dpo", "cpt"] = "sft"
+class _Training(Strict):
+    method: Literal[tuple(METHODS)] = "sft"  # type: ignore[valid-type]  (recipes/methods.py)
     epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(default=-1, ge=-1, description="-1: run for `epochs`")
     learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-4
@@ -133,7 +139,6 @@ class TrainingConfig(Strict):
     gradient_checkpointing: bool | Literal["unsloth"] = "unsloth"
     optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = "adamw_8bit"
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
-    dpo_beta: Annotated[float, Field(gt=0)] = 0.1
     collective_timeout_s: PositiveInt = Field(
         default=1800, description="a rank waiting longer than this in a collective fails the job"
     )
@@ -144,6 +149,29 @@ class TrainingConfig(Strict):
         if value == 0:
             raise ValueError("max_steps 0 trains nothing; use a positive count, or -1 for epochs")
         return value
+
+    @model_validator(mode="after")
+    def _options_of_the_method_only(self) -> _Training:
+        """Each method's options section exists for that method only, with its defaults."""
+        for name, method in METHODS.items():
+            if method.options is None:
+                continue
+            given = getattr(self, name)
+            if given is not None and name != self.method:
+                raise ValueError(
+                    f"training.{name} holds options of training.method {name}, but the method is "
+                    f"{self.method}; remove training.{name} or set training.method={name}"
+                )
+            if given is None and name == self.method:
+                object.__setattr__(self, name, method.options())  # validated defaults; no re-validation loop
+        return self
+
+
+# One optional section per method that has options (training.dpo.beta, ...), from the registry.
+_option_sections: dict[str, Any] = {
+    name: (method.options | None, None) for name, method in METHODS.items() if method.options is not None
+}
+TrainingConfig = create_model("TrainingConfig", __base__=_Training, **_option_sections)
 
 
 class OutputConfig(Strict):
@@ -192,14 +220,12 @@ class Recipe(Strict):
                 "output.save merged_16bit / gguf export a LoRA run; full fine-tuning already saves "
                 "the whole model in model/, so set output.save=[adapter]"
             )
-        wants = {"dpo": "preference", "cpt": "text"}.get(self.training.method)
-        if wants and self.data.format != wants:
+        method, fmt = METHODS[self.training.method], self.data.format
+        if fmt not in method.formats:
+            takers = [m.name for m in METHODS.values() if fmt in m.formats]
             raise ValueError(
-                f"training.method {self.training.method} needs data.format {wants}, not {self.data.format}"
-            )
-        if self.data.format == "preference" and self.training.method != "dpo":
-            raise ValueError(
-                f"data.format preference (chosen/rejected pairs) is for training.method dpo, not {self.training.method}"
+                f"training.method {method.name} needs data.format {' or '.join(method.formats)}, not {fmt}"
+                + (f"; data.format {fmt} is for training.method {' or '.join(takers)}" if takers else "")
             )
         if self.data.train_on_responses_only and self.data.format not in ("messages", "instruction"):
             raise ValueError(

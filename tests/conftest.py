@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -83,15 +84,24 @@ def run_cli(
 
 
 def run_training_program(cwd: Path, mode: str, **env: str) -> subprocess.CompletedProcess:
-    """`python -m recipes.train` on the smoke recipe, as a launcher would start it, outputs in cwd/o."""
+    """`python -m trainer` on the smoke recipe, as a launcher would start it, outputs in cwd/o."""
     return subprocess.run(
-        [sys.executable, "-m", "recipes.train", "--recipe", "smoke", "--mode", mode, f"output.dir={cwd}/o"],
+        [sys.executable, "-m", "trainer", "--recipe", "smoke", "--mode", mode, f"output.dir={cwd}/o"],
         cwd=cwd,
         env=clean_env(PYTHONPATH=str(ROOT), **env),
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def plan_for(env: dict[str, str], loaded, inventory: list, cwd: str = "/work", python: str = "python"):
+    """What the launcher plans for this environment on a host with these GPUs: the host's other
+    facts (model config, llama.cpp) are gathered from `env` as the CLI does, never from the network."""
+    from entrypoint import environment, host, plan
+
+    facts = dataclasses.replace(host.gather(env, loaded.recipe, cwd, python=python, ask_hub=False), gpus=inventory)
+    return plan.make(environment.read(env), loaded, facts)
 
 
 def write_recipe(folder: Path, name: str, text: str) -> Path:

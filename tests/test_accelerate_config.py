@@ -6,13 +6,14 @@ from pathlib import Path
 
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.utils import DistributedType
+from conftest import plan_for
 
-from entrypoint import environment, gpus, plan
+from entrypoint import gpus, plan
 from recipes import catalog
 
 
 def written_config(tmp_path: Path, env: dict[str, str], inventory) -> tuple[plan.Plan, Path]:
-    p = plan.make(environment.read(env), catalog.load("smoke"), inventory, env, str(tmp_path))
+    p = plan_for(env, catalog.load("smoke"), inventory, str(tmp_path))
     path = next(Path(f) for f in p.files if f.endswith("accelerate_config.yaml"))
     path.parent.mkdir(parents=True)
     path.write_text(p.files[str(path)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_recipe
+from conftest import ROOT, write_recipe
 
 from recipes import catalog
 from recipes.errors import BadInput
@@ -107,6 +107,37 @@ def test_cross_field_rules_say_what_to_change():
         catalog.load("smoke", ["model.full_finetuning=true", "model.load_in=4bit"])
     with pytest.raises(BadInput, match="training.method dpo needs data.format preference"):
         catalog.load("smoke", ["training.method=dpo"])
+
+
+def test_a_method_gets_its_own_options_section_with_its_defaults():
+    dpo = catalog.load(str(ROOT / "tests" / "recipes" / "tiny-dpo.yaml"), ["training.dpo.beta=0.25"]).recipe
+    assert dpo.training.dpo is not None and dpo.training.dpo.beta == 0.25
+    assert "dpo:\n    beta: 0.25" in catalog.to_yaml(dpo)
+    sft = catalog.load("smoke").recipe
+    assert sft.training.dpo is None and "dpo" not in catalog.to_yaml(sft)
+
+
+def test_another_methods_options_are_refused_naming_the_method():
+    with pytest.raises(BadInput, match="training.dpo holds options of training.method dpo, but the method is sft"):
+        catalog.load("smoke", ["training.dpo.beta=0.2"])
+
+
+def test_a_data_format_of_another_method_names_the_method_that_takes_it(tmp_path):
+    path = recipe_with_rows(tmp_path, "preference", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(BadInput, match="not preference; data.format preference is for training.method dpo"):
+        catalog.load(str(path))
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_moved_key_is_refused_naming_its_new_place(tmp_path, where):
+    dpo = ROOT / "tests" / "recipes" / "tiny-dpo.yaml"
+    if where == "file":
+        old = write_recipe(tmp_path, "old", dpo.read_text().replace("  dpo:\n    beta: 0.1", "  dpo_beta: 0.1"))
+        args: tuple[str, list[str]] = (str(old), [])
+    else:
+        args = (str(dpo), ["training.dpo_beta=0.2"])
+    with pytest.raises(BadInput, match=r"training.dpo_beta \(.*\) moved to training.dpo.beta; write it there"):
+        catalog.load(*args)
 
 
 def test_a_row_that_does_not_match_the_format_is_named_with_its_field(tmp_path):

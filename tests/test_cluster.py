@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, plan_for
 
 from entrypoint import environment, gpus, plan
 from recipes import catalog
@@ -22,7 +22,7 @@ FOUR = gpus.assumed("4x80")
 
 
 def make(env: dict[str, str], inventory=FOUR, loaded=SMOKE) -> plan.Plan:
-    return plan.make(environment.read(env), loaded, inventory, env, "/work", python="python")
+    return plan_for(env, loaded, inventory)
 
 
 def test_our_variables_make_one_machine_of_a_multi_node_ddp_job():

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, write_recipe
+from conftest import ROOT, clean_env, plan_for, write_recipe
 
-from entrypoint import environment, gpus, launch, plan
+from entrypoint import gpus, launch
 from recipes import catalog
 from recipes.errors import BadInput
 
@@ -90,7 +90,7 @@ def ranks_of(marker: str) -> dict[str, int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"recipes.train" in cmdline and marker.encode() in b"\0".join(environ):
+        if b"trainer" in cmdline.split(b"\0") and marker.encode() in b"\0".join(environ):
             local = next((v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"LOCAL_RANK=")), None)
             if local is not None:
                 found[local] = int(entry.name)
@@ -121,15 +121,15 @@ def test_a_dead_rank_ends_the_whole_job_promptly_instead_of_hanging(tmp_path):
 
 
 def test_the_collective_timeout_reaches_the_trainer():
-    from recipes.train import trainer_config
+    from trainer.methods import shared_arguments
 
     recipe = catalog.load("smoke", ["training.collective_timeout_s=90"]).recipe
-    assert trainer_config(recipe, Path("/tmp/x"), "no")["ddp_timeout"] == 90
+    assert shared_arguments(recipe, Path("/tmp/x"), "no")["ddp_timeout"] == 90
 
 
 def test_a_disk_too_small_for_the_outputs_is_reported_before_anything_is_written(tmp_path):
     env = {"OUTPUTS_DIR": str(tmp_path / "runs")}
-    p = plan.make(environment.read(env), catalog.load("smoke"), [], env, str(tmp_path))
+    p = plan_for(env, catalog.load("smoke"), [], str(tmp_path))
     with pytest.raises(BadInput, match=r"GiB free but the run will write ~1e\+06 GiB"):
         launch.write_files(dataclasses.replace(p, disk_gib=1e6))
     assert list(tmp_path.iterdir()) == []
@@ -137,9 +137,9 @@ def test_a_disk_too_small_for_the_outputs_is_reported_before_anything_is_written
 
 def test_the_plan_counts_exports_and_checkpoints_in_the_disk_it_needs():
     gpu = gpus.assumed("1x80")
-    plain = plan.make(environment.read({}), catalog.load("mistral-7b-lora-alpaca"), gpu, {}, "/w")
+    plain = plan_for({}, catalog.load("mistral-7b-lora-alpaca"), gpu, "/w")
     more = ["output.save=[adapter,merged_16bit]", "output.save_steps=5", "output.keep_checkpoints=3"]
-    big = plan.make(environment.read({}), catalog.load("mistral-7b-lora-alpaca", more), gpu, {}, "/w")
+    big = plan_for({}, catalog.load("mistral-7b-lora-alpaca", more), gpu, "/w")
     assert big.disk_gib > plain.disk_gib + 13  # the merged 16-bit copy of 7B parameters alone
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import run_training_program, write_recipe
+from conftest import plan_for, run_training_program, write_recipe
 
-from entrypoint import environment, gpus, memory, plan
+from entrypoint import gpus, memory, plan
 from recipes import catalog
 from recipes.errors import BadInput
 
@@ -33,7 +33,7 @@ training:
 
 
 def make(env: dict[str, str], inventory: list[gpus.Gpu], loaded=SMOKE) -> plan.Plan:
-    return plan.make(environment.read(env), loaded, inventory, env, "/work", python="python")
+    return plan_for(env, loaded, inventory)
 
 
 @pytest.fixture
@@ -114,14 +114,14 @@ def test_fsdp_on_the_cpu_refuses_a_quantized_load():
 
 
 def test_fsdp_shares_the_trainable_state_per_gpu_while_the_weights_fit_unslothss_fit_layout(full_8b):
-    est = memory.estimate(full_8b.recipe, {})
+    est = memory.estimate(full_8b.recipe)
     per_gpu = memory.per_gpu_gib(est, "fsdp", 4, 4, 80)
     assert est.weights_gib <= memory.FSDP_FIT_FRACTION * 80  # frozen-or-gathered weights stay whole
     assert per_gpu == pytest.approx(est.total_gib - est.trainable_gib * 3 / 4, abs=0.02)
 
 
 def test_fsdp_shards_everything_when_the_weights_are_too_big_for_the_fit_layout(big_recipe):
-    est = memory.estimate(catalog.load(str(big_recipe)).recipe, {})
+    est = memory.estimate(catalog.load(str(big_recipe)).recipe)
     per_gpu = memory.per_gpu_gib(est, "fsdp", 8, 8, 80)
     assert est.weights_gib > memory.FSDP_FIT_FRACTION * 80
     assert (est.weights_gib + est.trainable_gib) / 8 < per_gpu < est.total_gib / 4

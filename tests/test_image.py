@@ -16,7 +16,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, plan_for
 
 DOCKERFILE = ROOT / "Dockerfile"
 BIN = Path(sys.executable).parent
@@ -231,13 +231,13 @@ def test_every_pod_is_non_root_read_only_with_shm_volumes_and_the_token_from_a_s
 
 @pytest.mark.parametrize("name,doc", [d for d in kube_documents() if d[1]["kind"] == "Job"])
 def test_every_one_pod_job_plans_the_mode_it_names_on_the_gpus_it_requests(name, doc):
-    from entrypoint import environment, gpus, plan
+    from entrypoint import environment, gpus
     from recipes import catalog
 
     (container,) = doc["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     count = int(container["resources"]["limits"]["nvidia.com/gpu"])
     loaded = catalog.load(container["args"][0], container["args"][1:])
-    p = plan.make(environment.read(env), loaded, gpus.assumed(f"{count}x80"), env, "/workspace", python="python")
+    p = plan_for(env, loaded, gpus.assumed(f"{count}x80"), "/workspace")
     assert p.mode == environment.parse_parallelism(env["PARALLELISM"]) and not p.warnings
     assert len(p.gpu_ids) == count

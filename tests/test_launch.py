@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, plan_for
 
-from entrypoint import environment, launch, plan
+from entrypoint import launch
 from recipes import atomic, catalog
 
 # A child that starts a grandchild; each records the signal it got and exits with status 7.
@@ -34,7 +34,7 @@ while True:
 
 def plan_running(tmp_path: Path, command: list[str]) -> Path:
     env = {"OUTPUTS_DIR": str(tmp_path / "outputs")}
-    p = plan.make(environment.read(env), catalog.load("smoke"), [], env, str(tmp_path))
+    p = plan_for(env, catalog.load("smoke"), [], str(tmp_path))
     p = dataclasses.replace(p, command=command)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"plan": dataclasses.asdict(p)}))

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import LLAMA_3_8B, write_recipe
 
-from entrypoint import memory
+from entrypoint import hub, memory
 from recipes import catalog
 
 RECIPE = """
@@ -50,7 +50,8 @@ def test_a_local_model_folder_config_is_used(tmp_path):
     folder = tmp_path / "my-model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_3_8B))
-    est = memory.estimate(recipe(tmp_path, str(folder)), {})
+    r = recipe(tmp_path, str(folder))
+    est = memory.estimate(r, *hub.local_config(r, {}))
     assert est.source.startswith("config.json of") and est.params_b == pytest.approx(8.03, abs=0.01)
 
 
@@ -58,15 +59,15 @@ def test_the_hugging_face_cache_config_is_used_without_the_network(tmp_path):
     snapshot = tmp_path / "hf" / "hub" / "models--someorg--Mystery-Model" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text(json.dumps(LLAMA_3_8B))
-    est = memory.estimate(recipe(tmp_path, "someorg/Mystery-Model"), {"HF_HOME": str(tmp_path / "hf")})
+    r = recipe(tmp_path, "someorg/Mystery-Model")
+    est = memory.estimate(r, *hub.local_config(r, {"HF_HOME": str(tmp_path / "hf")}))
     assert est.params_b == pytest.approx(8.03, abs=0.01)
-    assert (
-        memory.estimate(recipe(tmp_path, "someorg/Mystery-Model"), {"HF_HOME": str(tmp_path / "none")}).params_b is None
-    )
+    assert memory.estimate(r, *hub.local_config(r, {"HF_HOME": str(tmp_path / "none")})).params_b is None
 
 
 def test_without_a_config_the_size_comes_from_the_name(tmp_path):
-    est = memory.estimate(recipe(tmp_path, "unsloth/Qwen3-32B", "4bit"), {"HF_HOME": str(tmp_path)})
+    r = recipe(tmp_path, "unsloth/Qwen3-32B", "4bit")
+    est = memory.estimate(r, *hub.local_config(r, {"HF_HOME": str(tmp_path)}))
     assert est.params_b == 32 and "model name" in est.source
 
 
@@ -74,8 +75,8 @@ def test_4bit_needs_far_less_than_16bit_for_the_same_model(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_3_8B))
-    full = memory.estimate(recipe(tmp_path, str(folder), "16bit"), {})
-    quantized = memory.estimate(recipe(tmp_path, str(folder), "4bit"), {})
+    full, quantized = (recipe(tmp_path, str(folder), load) for load in ("16bit", "4bit"))
+    full, quantized = (memory.estimate(r, *hub.local_config(r, {})) for r in (full, quantized))
     assert quantized.weights_gib < 0.4 * full.weights_gib
 
 
@@ -94,7 +95,7 @@ def test_the_estimate_is_within_20_percent_of_the_peaks_measured_on_an_h100():
     launcher_runs = [r for r in runs.values() if r["stack"] == "launcher"]
     assert len(launcher_runs) == 6 and {r["load"] for r in launcher_runs} == {"16bit", "4bit", "full"}
     for run in launcher_runs:
-        est = memory.estimate(bench_recipe(run["size"], run["load"]), {})
+        est = memory.estimate(bench_recipe(run["size"], run["load"]))
         allocated = est.total_gib - memory.CUDA_OVERHEAD_GIB  # torch's peak leaves the context out
         measured = max(run["peak_memory_gib"].values())
         assert abs(allocated / measured - 1) <= 0.2, (run["size"], run["load"], allocated, measured)

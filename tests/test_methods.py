@@ -84,7 +84,7 @@ def test_an_unknown_chat_template_is_refused_before_the_model_loads(tmp_path):
 
 
 def test_a_tokenizer_without_a_chat_template_is_refused_before_the_model_loads(tmp_path):
-    from recipes.random_model import _train_tokenizer
+    from trainer.random_model import _train_tokenizer
 
     folder = tmp_path / "no-template-model"  # a tokenizer only: no weights, so nothing could load them
     tokenizer = _train_tokenizer(["hello there, general kenobi"] * 20, 300)

@@ -6,8 +6,9 @@ import itertools
 from pathlib import Path
 
 import pytest
+from conftest import plan_for
 
-from entrypoint import environment, gpus, plan
+from entrypoint import gpus, plan
 from recipes import catalog
 from recipes.errors import BadInput
 
@@ -22,7 +23,7 @@ INVENTORIES = {
 
 
 def make(env: dict[str, str], inventory: list[gpus.Gpu], loaded=SMOKE, cwd: str = "/work") -> plan.Plan:
-    return plan.make(environment.read(env), loaded, inventory, env, cwd, python="python")
+    return plan_for(env, loaded, inventory, cwd)
 
 
 # ---- the full matrix: every combination plans or is refused, and plans keep their invariants
@@ -94,7 +95,7 @@ def test_auto_splits_a_model_over_the_fewest_gpus_it_needs(big_recipe):
     assert p.mode == "model" and 1 < k < 8 and f"over {k} of the 8 GPUs" in p.reason
     assert p.env["CUDA_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(k))
     assert p.memory["per_gpu_gib"] <= 80 * 0.92
-    fewer = plan.memory.per_gpu_gib(plan.memory.estimate(loaded.recipe, {}), "model", 1, k - 1, 80)
+    fewer = plan.memory.per_gpu_gib(plan.memory.estimate(loaded.recipe), "model", 1, k - 1, 80)
     assert fewer > 80 * 0.92, "one GPU fewer would not fit"
 
 

@@ -11,11 +11,12 @@ import string
 from pathlib import Path
 
 import pytest
+from conftest import plan_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from entrypoint import cli, environment, gpus, plan
-from recipes import catalog, placement
+from entrypoint import cli, environment, gpus
+from recipes import catalog, modes
 from recipes.errors import BadInput
 from recipes.schema import Recipe
 
@@ -53,15 +54,15 @@ environments = st.fixed_dictionaries(
 def test_every_environment_plans_or_is_refused_with_the_value_named(env, gpu_count, memory):
     inventory = [gpus.Gpu(id=str(i), memory_gib=memory) for i in range(gpu_count)]
     try:
-        p = plan.make(environment.read(env), SMOKE, inventory, env, "/w", python="python")
+        p = plan_for(env, SMOKE, inventory, "/w")
     except BadInput as exc:
         message = str(exc)
         assert message and "\n" not in message
         assert any(name in message for name in env) or "GPU" in message or "recipe" in message, message
         return
     assert p.num_processes >= 1 and p.num_machines >= 1 and 0 <= p.machine_rank < p.num_machines
-    assert p.mode in placement.MODES
-    assert (p.mode in placement.MULTI_PROCESS) == (p.accelerate_config is not None)
+    assert p.mode in modes.MODES
+    assert (p.mode in modes.MULTI_PROCESS) == (p.accelerate_config is not None)
     assert p.mode != "fsdp" or (p.num_processes >= 2 and p.env["UNSLOTH_FSDP2"] == "1")
     assert p.mode != "model" or (p.num_processes == 1 and p.num_machines == 1 and "LOCAL_RANK" not in env)
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from recipes import atomic
 from recipes.schema import RandomInit
 
 CHATML = (
@@ -68,8 +67,6 @@ def build(spec: RandomInit, texts: list[str], dest: Path, max_seq_length: int) -
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         tokenizer = _train_tokenizer(texts, spec.vocab_size)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
@@ -77,7 +74,7 @@ def build(spec: RandomInit, texts: list[str], dest: Path, max_seq_length: int) -
             intermediate_size=spec.intermediate_size,
             num_hidden_layers=spec.num_hidden_layers,
             num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.num_key_value_heads or spec.num_attention_heads,
+            num_key_value_heads=spec.kv_heads,
             max_position_embeddings=max(2048, max_seq_length),
             tie_word_embeddings=False,
             bos_token_id=tokenizer.bos_token_id,
@@ -90,8 +87,8 @@ def build(spec: RandomInit, texts: list[str], dest: Path, max_seq_length: int) -
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch.device(device):
             model = LlamaForCausalLM(config).to(torch.bfloat16)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with atomic.folder(dest) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         del model
-        os.replace(tmp, dest)
     return dest

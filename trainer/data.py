@@ -1,15 +1,17 @@
-"""Load a recipe's data and shape its rows for the training method (TRL's dataset forms).
+"""Load a recipe's data and shape its rows into TRL's dataset forms, one shaper per data format
+(which methods take which format: recipes/methods.py).
 
-  text        -> {"text"}                         sft, cpt: plain language modelling
-  messages    -> {"messages"}                     sft: the chat template renders whole chats
+  text        -> {"text"}                         plain language modelling
+  messages    -> {"messages"}                     the chat template renders whole chats
                  {"prompt", "completion"}         ... with train_on_responses_only: loss on the last reply
-  instruction -> {"prompt", "completion"}         sft: alpaca rows as a user turn and its answer
-  preference  -> {"prompt", "chosen", "rejected"} dpo
+  instruction -> {"prompt", "completion"}         alpaca rows as a user turn and its answer
+  preference  -> {"prompt", "chosen", "rejected"} pairs for preference optimisation
 Every row is checked with formats.check_row, so a bad row is named before training starts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +40,39 @@ def _user_turn(row: dict[str, Any]) -> str:
     return f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
 
 
-def shape_row(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
-    fmt = data.format
-    if fmt == "text":
-        return {"text": row["text"]}
-    if fmt == "preference":
-        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
-    if fmt == "instruction":
-        return {
-            "prompt": [{"role": "user", "content": _user_turn(row)}],
-            "completion": [{"role": "assistant", "content": row["output"]}],
-        }
+def _text(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
+    return {"text": row["text"]}
+
+
+def _preference(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+
+
+def _instruction(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
+    return {
+        "prompt": [{"role": "user", "content": _user_turn(row)}],
+        "completion": [{"role": "assistant", "content": row["output"]}],
+    }
+
+
+def _messages(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
     messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     if not data.train_on_responses_only:
         return {"messages": messages}
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return {"prompt": messages[:last], "completion": [messages[last]]}
+
+
+SHAPERS: dict[str, Callable[[dict[str, Any], DataConfig], dict[str, Any]]] = {
+    "text": _text,
+    "preference": _preference,
+    "instruction": _instruction,
+    "messages": _messages,
+}
+
+
+def shape_row(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
+    return SHAPERS[data.format](row, data)
 
 
 def build(data: DataConfig):

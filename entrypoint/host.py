@@ -1,0 +1,63 @@
+"""The one gate between this machine and the planner: every fact the plan needs about the host,
+read here, then handed to the pure planner (entrypoint/plan.py) as data.
+
+| fact                          | read from                                                    |
+| GPUs                          | nvidia-smi and the *_VISIBLE_DEVICES variables, or --assume-gpus |
+| the model's config.json       | a local folder, the Hugging Face cache, or one GET to the hub |
+| llama.cpp (for GGUF exports)  | $UNSLOTH_LLAMA_CPP_PATH or ~/.unsloth/llama.cpp               |
+| the working directory, Python | the process                                                  |
+The variables of the environment contract are read by entrypoint/environment.py (a Request).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from entrypoint import gpus as gpu_inventory
+from entrypoint import hub
+from entrypoint.gpus import Gpu
+from recipes import exports
+from recipes.schema import Recipe
+
+
+@dataclass(frozen=True)
+class Host:
+    gpus: list[Gpu]
+    cwd: str
+    python: str = sys.executable  # the interpreter the child runs with
+    model_config: dict | None = None  # config.json, when found
+    model_config_source: str = ""  # where it was found ("config.json of X" [+ " from the hub"])
+    llama_cpp_folder: Path = Path("~/.unsloth/llama.cpp")
+    llama_cpp_ready: bool = False
+    note: str | None = None  # something the user should know (the hub was not reachable, ...)
+
+
+def gather(
+    environ: Mapping[str, str],
+    recipe: Recipe,
+    cwd: str,
+    assume_gpus: str | None = None,
+    python: str = sys.executable,
+    ask_hub: bool = True,
+) -> Host:
+    """Everything the plan needs from this machine. `assume_gpus` ("4x80") plans for another one;
+    `ask_hub=False` never touches the network (the hub is also skipped offline, by hub.py)."""
+    found = gpu_inventory.assumed(assume_gpus) if assume_gpus else gpu_inventory.discover(environ)
+    if ask_hub:
+        config, source, note = hub.find_config(recipe, environ)
+    else:
+        (config, source), note = hub.local_config(recipe, environ), None
+    folder = exports.llama_cpp_folder(environ)
+    return Host(
+        gpus=found,
+        cwd=cwd,
+        python=python,
+        model_config=config,
+        model_config_source=source,
+        llama_cpp_folder=folder,
+        llama_cpp_ready=exports.llama_cpp_ready(folder),
+        note=note,
+    )

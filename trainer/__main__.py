@@ -1,0 +1,5 @@
+import sys
+
+from trainer.program import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""How each training method (recipes/methods.py names them and their data) is trained: the TRL
+config and trainer classes, with the arguments every method shares. A new method is one entry
+here, one in recipes/methods.py, and its recipes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recipes.schema import Recipe
+
+
+def shared_arguments(recipe: Recipe, out: Path, precision: str) -> dict[str, Any]:
+    """Arguments every method's TRL config takes."""
+    t, o, log = recipe.training, recipe.output, recipe.logging
+    return dict(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_steps=log.steps,
+        report_to=[] if log.report_to == "none" else [log.report_to],
+        save_strategy="steps" if o.save_steps else "no",
+        save_steps=o.save_steps or 500,
+        save_total_limit=o.keep_checkpoints,
+        dataloader_num_workers=0,
+        max_length=recipe.model.max_seq_length,
+        ddp_timeout=t.collective_timeout_s,
+    )
+
+
+def supervised(recipe: Recipe, model, tokenizer, dataset, shared: dict[str, Any], callbacks: list):
+    """sft and cpt: TRL's SFTTrainer on the shaped rows (recipes' data formats -> trainer/data.py)."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        **shared,
+        packing=recipe.training.packing,
+        dataset_text_field="text",
+        completion_only_loss=recipe.data.train_on_responses_only or None,
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+
+
+def preference(recipe: Recipe, model, tokenizer, dataset, shared: dict[str, Any], callbacks: list):
+    """dpo: TRL's DPOTrainer; its reference model is the adapter-free base (PEFT disables the adapter)."""
+    from trl import DPOConfig, DPOTrainer
+
+    assert recipe.training.dpo is not None  # the schema fills the method's own section
+    args = DPOConfig(**shared, beta=recipe.training.dpo.beta)
+    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+
+
+TRAINERS: dict[str, Callable[..., Any]] = {"sft": supervised, "cpt": supervised, "dpo": preference}
+
+
+def make_trainer(recipe: Recipe, model, tokenizer, dataset, out: Path, precision: str, callbacks: list):
+    build = TRAINERS[recipe.training.method]
+    return build(recipe, model, tokenizer, dataset, shared_arguments(recipe, out, precision), callbacks)

@@ -1,0 +1,87 @@
+"""The save phase: the trained weights (the adapter, or the whole model for full fine-tuning) and
+the exports beyond it (merged 16-bit, GGUF), each written whole or not at all (recipes/atomic.py).
+
+Under Unsloth's native FSDP2 the weights are sharded over the ranks: every rank must enter
+`whole_parameters`, which gathers them to rank 0, and only rank 0 writes. Otherwise every rank
+already holds whole weights and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from recipes import atomic
+from recipes.schema import Recipe
+
+
+def local_elements(model) -> int:
+    """Trainable elements this process holds: all of them under ddp, its shard under fsdp."""
+    total = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            local = param.to_local() if hasattr(param, "to_local") else param  # a DTensor shard
+            total += local.numel()
+    return total
+
+
+@contextlib.contextmanager
+def whole_parameters(model, trainable_only: bool) -> Iterator[bool]:
+    """Yield whether this process now sees whole parameters.
+
+    Unsharded models: every process does (True). Under Unsloth's native FSDP2 every rank must
+    enter: the shards are gathered one parameter at a time (to the CPU) and only rank 0 sees
+    whole tensors until the block ends; the others get False and must not write.
+    `trainable_only` gathers just the trainable parameters, enough for an adapter.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not any(isinstance(module, FSDPModule) for module in model.modules()):
+        yield True  # checked first: unsloth.models imports its Triton kernels, unneeded here
+        return
+    from unsloth.models.fsdp2_save import fsdp2_gathered
+
+    with fsdp2_gathered(model, trainable_only=trainable_only) as writer:
+        yield bool(writer)
+
+
+def trainable_fingerprint(model) -> str:
+    """A hash of every trainable weight: equal on every DDP rank when they stayed in step."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_trained(model, tokenizer, folder: Path) -> None:
+    """The adapter that trained (or the whole model, for full fine-tuning), and the tokenizer.
+
+    TRL's DPOTrainer adds a frozen copy of the starting adapter, "ref", as its reference model;
+    it is the untrained starting point, not a result (and under fsdp its shards are not gathered).
+    """
+    with atomic.folder(folder) as tmp:  # a crash never leaves half an adapter
+        options = {"selected_adapters": [model.active_adapter]} if hasattr(model, "peft_config") else {}
+        model.save_pretrained(str(tmp), **options)
+        tokenizer.save_pretrained(str(tmp))
+
+
+def write_exports(model, tokenizer, out: Path, recipe: Recipe) -> list[str]:
+    """Write each requested export whole (temp folder, then swap it in); return the folders."""
+    written = []
+    for kind in recipe.output.save:
+        if kind == "adapter":
+            continue  # saved by save_trained
+        dest = out / kind
+        with atomic.folder(dest) as tmp:
+            if kind == "merged_16bit":
+                model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+            else:
+                model.save_pretrained_gguf(str(tmp), tokenizer, quantization_method=recipe.output.gguf_quantization)
+        written.append(str(dest))
+    return written
