@@ -28,6 +28,7 @@ PARALLELISM_ALIASES: dict[str, Parallelism] = {"auto": "auto"} | {
     word: name for name, spec in SPECS.items() for word in (name, *spec.aliases)
 }
 
+
 @dataclass(frozen=True)
 class Variable:
     """One row of the contract, in README's markdown (backticks); the CLI's help drops them."""
