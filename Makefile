@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: smoke test lint lock clean
+.PHONY: smoke test lint lock llama-cpp clean
 
 # Every package is pinned in a lock and installed with --no-deps: nothing is resolved here, so
 # what the package index publishes later cannot change this environment (requirements/lock.py).
@@ -28,6 +28,11 @@ test: $(STAMP)
 # newer releases on purpose); commit the .in and .lock files together.
 lock: $(STAMP)
 	$(PY) requirements/lock.py write
+
+# The pinned llama.cpp that GGUF exports use (requirements/llama_cpp.py): compiled into
+# .venv/llama.cpp, where `export --to gguf:...` finds it with UNSLOTH_LLAMA_CPP_PATH set there.
+llama-cpp: $(STAMP)
+	$(PY) requirements/llama_cpp.py $(VENV)/llama.cpp
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

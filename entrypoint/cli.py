@@ -6,6 +6,8 @@
     python -m entrypoint show RECIPE [key=value ...]
     python -m entrypoint validate FILE|RECIPE [key=value ...]
     python -m entrypoint doctor [--json]
+    python -m entrypoint export RUN_DIR|RECIPE --to adapter|merged_16bit|gguf[:QUANT,...] ...
+    python -m entrypoint generate RUN_DIR|RECIPE [--prompt TEXT] [--max-new-tokens N]
 
 RECIPE is a bundled name or a path to a YAML file; the RECIPE variable serves when the
 command line names none. Any bad input ends with one `error:` line and exit status 2.
@@ -21,12 +23,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from entrypoint import doctor, environment, host, launch
+from entrypoint import doctor, environment, followup, host, launch
 from entrypoint.plan import Plan, make
-from recipes import catalog
+from recipes import catalog, exports
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 
-COMMANDS = ("run", "plan", "list", "show", "validate", "doctor")
+COMMANDS = ("run", "plan", "list", "show", "validate", "doctor", "export", "generate")
 
 ENV_HELP = environment.contract_help()
 
@@ -66,6 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_cmd.add_argument("--json", action="store_true", help="print the facts as one JSON object")
     recipe_command("show", "print a recipe as resolved (defaults and overrides applied)")
     recipe_command("validate", "check a recipe and its local data; print the resolved recipe")
+    run_help = "a run's output folder, or the recipe that ran (default: $RECIPE)"
+    export = sub.add_parser("export", help="export a finished run: merged 16-bit model, GGUF files (one process)")
+    export.add_argument("target", nargs="?", metavar="RUN_DIR|RECIPE", help=run_help)
+    export.add_argument(
+        "--to",
+        nargs="+",
+        required=True,
+        metavar="KIND",
+        help=f"adapter, merged_16bit, gguf[:QUANT,...] (QUANT: {', '.join(exports.GGUF_QUANTS)}; default q8_0)",
+    )
+    generate = sub.add_parser("generate", help="try a run: answer a prompt, or chat on the terminal (one process)")
+    generate.add_argument("target", nargs="?", metavar="RUN_DIR|RECIPE", help=run_help)
+    generate.add_argument("--prompt", help="one prompt; without it, a chat on stdin (an empty line ends it)")
+    generate.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    generate.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
     return parser
 
 
@@ -100,6 +117,23 @@ def build_plan(args: argparse.Namespace) -> Plan:
     return make(request, loaded, facts)
 
 
+def build_followup(args: argparse.Namespace) -> Plan:
+    """export / generate: the run, then a one-process plan (entrypoint/followup.py)."""
+    environ = dict(os.environ)
+    request = environment.read(environ)
+    target = args.target or request.recipe
+    if not target:
+        raise BadInput(
+            f"no run given; name a run's output folder or the recipe that ran, or set RECIPE ({args.command})"
+        )
+    run = followup.find_run(target, request, os.getcwd())
+    facts = host.gather(environ, run.recipe, os.getcwd(), model=run.base_model())
+    if args.command == "export":
+        return followup.export_plan(request, run, exports.parse_targets(args.to), facts)
+    options = [f"--max-new-tokens={args.max_new_tokens}", f"--temperature={args.temperature}"]
+    return followup.generate_plan(request, run, facts, options + ([f"--prompt={args.prompt}"] if args.prompt else []))
+
+
 def print_plan(plan: Plan) -> None:
     print(f"recipe      {plan.recipe} ({plan.recipe_file})")
     print(f"mode        {plan.mode}: {plan.reason}")
@@ -107,7 +141,7 @@ def print_plan(plan: Plan) -> None:
     print(f"processes   {plan.num_processes} on {where}; device_map {json.dumps(plan.device_map)}")
     print(f"precision   {plan.mixed_precision}")
     mem = plan.memory
-    if mem["params_b"] is not None:
+    if mem.get("params_b") is not None:
         print(
             f"memory      ~{mem['per_gpu_gib']} GiB per GPU ({mem['params_b']}B parameters from {mem['source']}; "
             f"one copy: weights {mem['weights_gib']}, trainable {mem['trainable_gib']}, "
@@ -167,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"# {loaded.path}: valid", file=sys.stderr)
             print(catalog.to_yaml(loaded.recipe), end="")
             return 0
+        if args.command in ("export", "generate"):
+            plan = build_followup(args)
+            sys.stdout.flush()
+            return launch.execute(plan, started_at)
         plan = build_plan(args)
         if args.command == "plan":
             if args.json:

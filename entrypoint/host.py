@@ -5,6 +5,7 @@ read here, then handed to the pure planner (entrypoint/plan.py) as data.
 | GPUs                          | nvidia-smi and the *_VISIBLE_DEVICES variables, or --assume-gpus |
 | the model's config.json       | a local folder, the Hugging Face cache, or one GET to the hub |
 | llama.cpp (for GGUF exports)  | $UNSLOTH_LLAMA_CPP_PATH or ~/.unsloth/llama.cpp               |
+| memory available (merging)    | /proc/meminfo                                                |
 | the working directory, Python | the process                                                  |
 The variables of the environment contract are read by entrypoint/environment.py (a Request).
 """
@@ -31,7 +32,8 @@ class Host:
     model_config: dict | None = None  # config.json, when found
     model_config_source: str = ""  # where it was found ("config.json of X" [+ " from the hub"])
     llama_cpp_folder: Path = Path("~/.unsloth/llama.cpp")
-    llama_cpp_ready: bool = False
+    llama_cpp_parts: frozenset[str] = frozenset()  # "converter", "quantizer" (recipes/exports.py)
+    ram_available_gib: float | None = None  # None: unknown
     note: str | None = None  # something the user should know (the hub was not reachable, ...)
 
 
@@ -42,11 +44,16 @@ def gather(
     assume_gpus: str | None = None,
     python: str = sys.executable,
     ask_hub: bool = True,
+    model: str | None = None,
 ) -> Host:
     """Everything the plan needs from this machine. `assume_gpus` ("4x80") plans for another one;
-    `ask_hub=False` never touches the network (the hub is also skipped offline, by hub.py)."""
+    `ask_hub=False` never touches the network (the hub is also skipped offline, by hub.py);
+    `model` looks up that model's config.json instead of the recipe's (a run's base, locally)."""
     found = gpu_inventory.assumed(assume_gpus) if assume_gpus else gpu_inventory.discover(environ)
-    if ask_hub:
+    if model is not None:
+        config, note = hub.cached_config(model, environ), None
+        source = f"config.json of {model}" if config is not None else ""
+    elif ask_hub:
         config, source, note = hub.find_config(recipe, environ)
     else:
         (config, source), note = hub.local_config(recipe, environ), None
@@ -58,6 +65,17 @@ def gather(
         model_config=config,
         model_config_source=source,
         llama_cpp_folder=folder,
-        llama_cpp_ready=exports.llama_cpp_ready(folder),
+        llama_cpp_parts=exports.llama_cpp_parts(folder),
+        ram_available_gib=ram_available_gib(),
         note=note,
     )
+
+
+def ram_available_gib(meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return round(int(line.split()[1]) / 1024**2, 1)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

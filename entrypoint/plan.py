@@ -128,12 +128,12 @@ def child_env(mode: Mode, gpus: list[Gpu], pythonpath: str) -> dict[str, str]:
 
 def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     recipe = loaded.recipe
-    exports.refuse_gguf_without_llama_cpp(recipe, host.llama_cpp_folder, host.llama_cpp_ready)
+    quants = exports.recipe_quants(recipe)
+    exports.refuse_missing_llama_cpp(quants, host.llama_cpp_folder, host.llama_cpp_parts, "output.save asks for gguf")
     est = memory.estimate(recipe, host.model_config, host.model_config_source)
     decision = decide(request, loaded, host.gpus, est)
     mode, chosen, processes = decision.mode, decision.gpus, decision.processes
     modes.refuse_fsdp_switch(mode, request.fsdp_switch)
-    modes.refuse_exports(mode, recipe.output.save)
     one_gpu = chosen[0].memory_gib if chosen else None
     per_gpu = memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu)
     precision = mixed_precision(recipe.model.dtype, chosen)

@@ -170,6 +170,18 @@ def _absolute_if_local(value: str, base: Path) -> str:
     return value
 
 
+def _local_data(value: str, field: str, base: Path, recipe_file: Path, must_be_local: bool = False) -> str:
+    """A data path made absolute (next to the recipe, or in the working directory); BadInput when
+    it looks local, or must be, and is not there."""
+    found = _absolute_if_local(value, base)
+    if (must_be_local or formats.looks_local(found)) and not Path(found).exists():
+        raise BadInput(
+            f"{field} {value!r} does not exist (looked next to {str(recipe_file)!r} and in "
+            f"{os.getcwd()!r}); fix the path, mount the file, or name a hub dataset like org/name"
+        )
+    return found
+
+
 def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
     path = locate(name_or_path)
     raw = read_yaml(path)
@@ -188,22 +200,24 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Load
                 f"rename the file or set name: in it"
             )
         updates["name"] = path.stem
-    source = _absolute_if_local(recipe.data.source, base)
-    if formats.looks_local(source) and not Path(source).exists():
-        raise BadInput(
-            f"data.source {recipe.data.source!r} does not exist (looked next to {str(path)!r} and in "
-            f"{os.getcwd()!r}); fix the path, mount the file, or name a hub dataset like org/name"
-        )
+    data = recipe.data
+    source = _local_data(data.source, "data.source", base, path)
+    local = Path(source).exists()
+    eval_split = data.eval_split
+    if eval_split is not None and (local or formats.looks_local(eval_split)):
+        # With local training data, the evaluation rows are local too: a file or folder, not a split name.
+        eval_split = _local_data(eval_split, "data.eval_split", base, path, must_be_local=local)
     model_name = recipe.model.name if recipe.model.random_init else _absolute_if_local(recipe.model.name, base)
     recipe = recipe.model_copy(
         update={
             **updates,
-            "data": recipe.data.model_copy(update={"source": source}),
+            "data": data.model_copy(update={"source": source, "eval_split": eval_split}),
             "model": recipe.model.model_copy(update={"name": model_name}),
         }
     )
-    if Path(source).exists():
-        formats.check_local_file(Path(source), recipe.data.format, field="data.source")
+    for field, value in (("data.source", source), ("data.eval_split", eval_split)):
+        if value is not None and Path(value).exists():
+            formats.check_local_file(Path(value), recipe.data.format, field=field)
     return LoadedRecipe(recipe=recipe, path=path, overrides=tuple(overrides))
 
 

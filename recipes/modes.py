@@ -46,7 +46,6 @@ class Spec:
     memory: Literal["whole", "split", "sharded"]  # what one GPU holds (entrypoint/memory.py)
     min_processes: int = 1
     child_env: Mapping[str, str] = field(default_factory=dict)
-    merges_in_one_process: bool = True  # merged / GGUF exports need the whole model in the saving process
     sixteen_bit_on_cpu: bool = False  # bitsandbytes weights are quantized on a GPU only
 
     def device_map(self, cuda: bool, local_rank: int | str = "LOCAL_RANK") -> Any:
@@ -65,8 +64,7 @@ SPECS: dict[Mode, Spec] = {
              placement="own", memory="whole"),
         # Each rank loads the whole model on its own GPU; Unsloth shards it inside Trainer.__init__.
         Spec("fsdp", ("fsdp2", "sharded"), multi_process=True, spans_machines=True, runs_on_cpu=True,
-             placement="own", memory="sharded", min_processes=2, child_env=FSDP_ENV,
-             merges_in_one_process=False, sixteen_bit_on_cpu=True),
+             placement="own", memory="sharded", min_processes=2, child_env=FSDP_ENV, sixteen_bit_on_cpu=True),
         # One process: accelerate splits the layers over every visible GPU.
         Spec("model", ("balanced", "model-parallel", "mp"), multi_process=False, spans_machines=False,
              runs_on_cpu=False, placement="balanced", memory="split"),
@@ -94,16 +92,4 @@ def refuse_fsdp_switch(mode: Mode, raw: str | None) -> None:
         raise BadInput(
             f"{FSDP_SWITCH}={raw!r} is set, which makes Unsloth shard the model with FSDP2, but the mode "
             f"is {mode}; use PARALLELISM=fsdp (the launcher sets {FSDP_SWITCH} itself), or unset {FSDP_SWITCH}"
-        )
-
-
-def refuse_exports(mode: Mode, save: list[str]) -> None:
-    """Merged and GGUF exports merge the whole model in one process, which a sharded model is not."""
-    merging = [kind for kind in save if kind != "adapter"]
-    if merging and not SPECS[mode].merges_in_one_process:
-        raise BadInput(
-            f"output.save={save} asks for {', '.join(merging)}, which merges the whole model in one process, "
-            f"but under PARALLELISM={mode} it is sharded over the processes and only the adapter is saved; "
-            f"set output.save=[adapter] (and merge it later in one process), or train with PARALLELISM=ddp "
-            f"or model, which export"
         )

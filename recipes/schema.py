@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from recipes.exports import GGUF_QUANTS
 from recipes.methods import DATA_FORMATS, METHODS
 
 # Unsloth's usual LoRA targets for dense decoders (Llama, Qwen, Gemma, Mistral).
@@ -123,6 +124,26 @@ class DataConfig(Strict):
     )
     train_on_responses_only: bool = False
     max_samples: PositiveInt | None = None
+    eval_fraction: Annotated[float, Field(gt=0, le=0.5)] | None = Field(
+        default=None, description="hold out this share of the rows (seeded) to evaluate on"
+    )
+    eval_split: str | None = Field(
+        default=None,
+        description="evaluate on this split of the hub dataset, or on this local file or folder (same format)",
+    )
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval_fraction is not None and self.eval_split is not None:
+            raise ValueError(
+                f"data.eval_fraction ({self.eval_fraction}) and data.eval_split ({self.eval_split!r}) both choose "
+                f"the evaluation rows; keep one of them"
+            )
+        return self
+
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_fraction is not None or self.eval_split is not None
 
 
 class _Training(Strict):
@@ -139,6 +160,9 @@ class _Training(Strict):
     gradient_checkpointing: bool | Literal["unsloth"] = "unsloth"
     optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = "adamw_8bit"
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    eval_steps: NonNegativeInt = Field(
+        default=0, description="evaluate every N steps (0: at the start and the end only); needs data.eval_*"
+    )
     collective_timeout_s: PositiveInt = Field(
         default=1800, description="a rank waiting longer than this in a collective fails the job"
     )
@@ -177,7 +201,7 @@ TrainingConfig = create_model("TrainingConfig", __base__=_Training, **_option_se
 class OutputConfig(Strict):
     dir: str | None = Field(default=None, description="default: $OUTPUTS_DIR/<recipe name> (OUTPUTS_DIR: ./outputs)")
     save: list[Literal["adapter", "merged_16bit", "gguf"]] = Field(default_factory=lambda: ["adapter"])
-    gguf_quantization: Literal["q8_0", "f16", "bf16", "q4_k_m", "q5_k_m", "q6_k"] = "q8_0"
+    gguf_quantization: Literal[GGUF_QUANTS] = "q8_0"  # type: ignore[valid-type]  (recipes/exports.py)
     save_steps: NonNegativeInt = Field(default=0, description="0: no intermediate checkpoints")
     keep_checkpoints: PositiveInt = 2
     resume: bool = True
@@ -226,6 +250,11 @@ class Recipe(Strict):
             raise ValueError(
                 f"training.method {method.name} needs data.format {' or '.join(method.formats)}, not {fmt}"
                 + (f"; data.format {fmt} is for training.method {' or '.join(takers)}" if takers else "")
+            )
+        if self.training.eval_steps and not self.data.evaluates:
+            raise ValueError(
+                f"training.eval_steps={self.training.eval_steps} but there is nothing to evaluate on; set "
+                f"data.eval_fraction (e.g. 0.1) or data.eval_split, or training.eval_steps=0"
             )
         if self.data.train_on_responses_only and self.data.format not in ("messages", "instruction"):
             raise ValueError(

@@ -33,11 +33,6 @@ PLAN_KEYS = {
         (["run", "smoke"], {"PARALLELISM": "fsdp", "CPU_PROCESSES": "1"}, "but CPU_PROCESSES=1 gives one"),
         (["run", "smoke", "--assume-gpus", "1"], {"PARALLELISM": "fsdp"}, "but one visible GPU gives one"),
         (
-            ["run", "smoke", "output.save=[adapter,merged_16bit]"],
-            {"PARALLELISM": "fsdp", "CPU_PROCESSES": "2"},
-            "asks for merged_16bit, which merges the whole model in one process",
-        ),
-        (
             ["run", "smoke", "model.load_in=4bit"],
             {"PARALLELISM": "fsdp", "CPU_PROCESSES": "2"},
             "PARALLELISM=fsdp on the CPU cannot shard model.load_in=4bit",

@@ -25,6 +25,9 @@ def test_smoke_trains_in_one_process_and_its_loss_falls(tmp_path):
     m = metrics(out)
     assert (m["mode"], m["world_size"], m["device"], m["steps"]) == ("single", 1, "cpu", 60)
     assert m["final_loss"] < 0.5 * m["first_loss"], m["losses"]
+    # The held-out chats are evaluated before the first step, every 20 steps, and their loss falls.
+    assert [step for step, _ in m["eval_losses"]] == [0, 20, 40, 60]
+    assert m["eval_loss"] == m["eval_losses"][-1][1] < m["eval_losses"][0][1]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "launch" / "recipe.yaml").is_file() and (out / "launch" / "plan.json").is_file()
     assert m["tokens_per_second"] > 0 and m["time_to_first_step_s"] > 0
@@ -62,6 +65,8 @@ def test_smoke_as_two_process_ddp_keeps_ranks_identical_and_writes_one_adapter(d
     assert adapters == [out / "adapter" / "adapter_model.safetensors"]
     assert (out / "launch" / "accelerate_config.yaml").is_file()
     assert m["final_loss"] < m["first_loss"]
+    # Each rank evaluates its share of the held-out rows; the loss is their mean, and it falls.
+    assert [step for step, _ in m["eval_losses"]] == [0, 20] and m["eval_losses"][1][1] < m["eval_losses"][0][1]
     everything = m["trainable_elements_per_rank"]
     assert everything[0] == everything[1] > 0, "every DDP rank holds every trainable weight"
 
@@ -75,7 +80,9 @@ def test_fsdp_shards_the_trainable_weights_over_two_processes_and_trains_the_sam
     assert max(m["trainable_elements_per_rank"]) < ddp["trainable_elements_per_rank"][0]
     # Same data, seed and global batch: the same losses and the same adapter, up to summation order.
     assert [s for s, _ in m["losses"]] == [s for s, _ in ddp["losses"]]
-    for (_, loss), (_, expected) in zip(m["losses"], ddp["losses"], strict=True):
+    for (_, loss), (_, expected) in zip(
+        m["losses"] + m["eval_losses"], ddp["losses"] + ddp["eval_losses"], strict=True
+    ):
         assert loss == pytest.approx(expected, rel=1e-4)
     sharded, replicated = adapter_tensors(out), adapter_tensors(ddp_run)
     assert sorted(sharded) == sorted(replicated)

@@ -19,19 +19,18 @@ from recipes import formats
 from recipes.schema import DataConfig
 
 
-def load_rows(data: DataConfig):
-    """-> a datasets.Dataset of the raw rows (local file/folder or hub id)."""
+def load_rows(source: str, split: str, max_samples: int | None = None):
+    """-> a datasets.Dataset of the raw rows (a local file or folder, or a split of a hub dataset)."""
     import datasets
 
-    source = data.source
     if Path(source).exists():
         files = [str(p) for p in formats.data_files(Path(source))]
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[Path(files[0]).suffix.lower()]
         dataset = datasets.load_dataset(kind, data_files=files, split="train")
     else:
-        dataset = datasets.load_dataset(source, split=data.split)
-    if data.max_samples is not None:
-        dataset = dataset.select(range(min(data.max_samples, len(dataset))))
+        dataset = datasets.load_dataset(source, split=split)
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
     return dataset
 
 
@@ -75,13 +74,25 @@ def shape_row(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
     return SHAPERS[data.format](row, data)
 
 
-def build(data: DataConfig):
-    """-> the dataset, every row checked and shaped for the trainer (see the table above)."""
-    raw = load_rows(data)
+def _checked_and_shaped(raw, data: DataConfig, field: str, where: str):
     for number, row in enumerate(raw, start=1):
-        formats.check_row(row, data.format, f"data.source {data.source} row {number}")
-    shaped = raw.map(lambda row: shape_row(row, data), remove_columns=raw.column_names)
-    return shaped
+        formats.check_row(row, data.format, f"{field} {where} row {number}")
+    return raw.map(lambda row: shape_row(row, data), remove_columns=raw.column_names)
+
+
+def build(data: DataConfig, seed: int):
+    """-> (training rows, evaluation rows or None), every row checked and shaped for the trainer
+    (see the table above). The evaluation rows are data.eval_split, or a seeded data.eval_fraction
+    of the training rows, which are then left out of training."""
+    raw = load_rows(data.source, data.split, data.max_samples)
+    train = _checked_and_shaped(raw, data, "data.source", data.source)
+    if data.eval_fraction is not None:
+        halves = train.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
+        return halves["train"], halves["test"]
+    if data.eval_split is not None:
+        held_out = load_rows(data.eval_split if Path(data.eval_split).exists() else data.source, data.eval_split)
+        return train, _checked_and_shaped(held_out, data, "data.eval_split", data.eval_split)
+    return train, None
 
 
 def texts_of(dataset) -> list[str]:

@@ -38,10 +38,16 @@ def shared_arguments(recipe: Recipe, out: Path, precision: str) -> dict[str, Any
         dataloader_num_workers=0,
         max_length=recipe.model.max_seq_length,
         ddp_timeout=t.collective_timeout_s,
+        # Evaluation (when the recipe holds rows out): the loss only, every eval_steps; the program
+        # also evaluates at the start and the end. Under ddp each rank evaluates its share.
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps or None,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        prediction_loss_only=True,
     )
 
 
-def supervised(recipe: Recipe, model, tokenizer, dataset, shared: dict[str, Any], callbacks: list):
+def supervised(recipe: Recipe, model, tokenizer, dataset, eval_dataset, shared: dict[str, Any], callbacks: list):
     """sft and cpt: TRL's SFTTrainer on the shaped rows (recipes' data formats -> trainer/data.py)."""
     from trl import SFTConfig, SFTTrainer
 
@@ -51,21 +57,35 @@ def supervised(recipe: Recipe, model, tokenizer, dataset, shared: dict[str, Any]
         dataset_text_field="text",
         completion_only_loss=recipe.data.train_on_responses_only or None,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
 
 
-def preference(recipe: Recipe, model, tokenizer, dataset, shared: dict[str, Any], callbacks: list):
+def preference(recipe: Recipe, model, tokenizer, dataset, eval_dataset, shared: dict[str, Any], callbacks: list):
     """dpo: TRL's DPOTrainer; its reference model is the adapter-free base (PEFT disables the adapter)."""
     from trl import DPOConfig, DPOTrainer
 
     assert recipe.training.dpo is not None  # the schema fills the method's own section
     args = DPOConfig(**shared, beta=recipe.training.dpo.beta)
-    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    return DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
 
 
 TRAINERS: dict[str, Callable[..., Any]] = {"sft": supervised, "cpt": supervised, "dpo": preference}
 
 
-def make_trainer(recipe: Recipe, model, tokenizer, dataset, out: Path, precision: str, callbacks: list):
+def make_trainer(recipe: Recipe, model, tokenizer, dataset, eval_dataset, out: Path, precision: str, callbacks: list):
     build = TRAINERS[recipe.training.method]
-    return build(recipe, model, tokenizer, dataset, shared_arguments(recipe, out, precision), callbacks)
+    return build(recipe, model, tokenizer, dataset, eval_dataset, shared_arguments(recipe, out, precision), callbacks)

@@ -6,11 +6,13 @@
 It reads top to bottom in phases:
   prepare   the recipe, this process's place in the launch (refusing the trap), the output
             folder and the checkpoint to resume from; a bad recipe exits 2 before anything loads
-  data      every row checked and shaped for the method (trainer/data.py)
+  data      every row checked and shaped for the method, evaluation rows held out (trainer/data.py)
   load      the model with the placement the mode needs, and LoRA (trainer/models.py)
   trainer   the method's TRL trainer (trainer/methods.py), progress and preemption callbacks
-  train     resuming from the newest checkpoint; SIGTERM stops every rank at one step
-  save      the adapter (or model) and exports, from the main process (trainer/save.py)
+  train     resuming from the newest checkpoint, evaluating at the start, every eval_steps and at
+            the end; SIGTERM stops every rank at one step
+  save      the adapter (or model), from the main process (trainer/save.py)
+  export    merged / GGUF exports, from the main process alone (trainer/export.py)
   metrics   metrics.json, from the main process
 """
 
@@ -28,8 +30,9 @@ from typing import Any
 from recipes import atomic, catalog, exports, modes
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 from recipes.modes import FSDP_SWITCH, SPECS, TRAP_EXPLAINED, Mode
+from recipes.runs import Run
 from recipes.schema import Recipe
-from trainer import data, models, preemption, progress, save
+from trainer import data, export, models, preemption, progress, save
 from trainer.checkpoints import fix_cpu_ddp_resume, newest_checkpoint
 from trainer.methods import make_trainer
 
@@ -87,7 +90,6 @@ def prepare(args: argparse.Namespace) -> Job:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_mode(args.mode, world_size)
     modes.refuse_fsdp_switch(args.mode, os.environ.get(FSDP_SWITCH))
-    modes.refuse_exports(args.mode, recipe.output.save)
     exports.check_possible(recipe, os.environ)
     out = catalog.output_dir(recipe, os.environ.get("OUTPUTS_DIR"), os.getcwd()).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -119,10 +121,10 @@ def import_stack(job: Job) -> bool:
 # ---- trainer, train
 
 
-def build_trainer(job: Job, model, tokenizer, dataset):
+def build_trainer(job: Job, model, tokenizer, dataset, eval_dataset):
     """The method's trainer, with progress recorded and SIGTERM handled; (trainer, recorder, stopper)."""
     record = progress.make_recorder(job.world_size)
-    trainer = make_trainer(job.recipe, model, tokenizer, dataset, job.out, job.precision, [record])
+    trainer = make_trainer(job.recipe, model, tokenizer, dataset, eval_dataset, job.out, job.precision, [record])
     record.counter = progress.count_tokens(trainer)
     stopper = preemption.make_callback(job.world_size)
     trainer.add_callback(stopper)
@@ -131,10 +133,19 @@ def build_trainer(job: Job, model, tokenizer, dataset):
     return trainer, record, stopper
 
 
-def train(job: Job, trainer):
+def train(job: Job, trainer, record, stopper, evaluating: bool):
+    """Train; with evaluation rows, evaluate first (the baseline, unless resuming) and last (unless
+    the last step just did). Every rank calls evaluate: under ddp each evaluates its share."""
     if job.resume and trainer.accelerator.is_main_process:
         print(f"resuming from {job.resume} (output.resume=false starts fresh)", flush=True)
-    return trainer.train(resume_from_checkpoint=job.resume)
+    if evaluating and not job.resume:
+        trainer.evaluate()
+    result = trainer.train(resume_from_checkpoint=job.resume)
+    stopped = stopper.stopped_at is not None
+    last = trainer.state.global_step
+    if evaluating and not stopped and not (record.eval_losses and record.eval_losses[-1][0] == last):
+        trainer.evaluate()
+    return result
 
 
 # ---- save, metrics
@@ -150,7 +161,6 @@ def save_and_measure(job: Job, trainer, tokenizer, record) -> dict[str, Any]:
         "peak_memory_gib": gather_object([progress.peak_memory_gib()]),
         "tokens": sum(gather_object([record.counter.tokens])),
         "saved": str(job.out / ("model" if full else "adapter")),
-        "exported": [],
     }
     # Under fsdp every rank enters while the shards are gathered to rank 0 (for an adapter, only
     # the trainable weights); otherwise every rank already holds whole weights.
@@ -160,8 +170,18 @@ def save_and_measure(job: Job, trainer, tokenizer, record) -> dict[str, Any]:
         measured["trainable_fingerprints"] = [f for f in fingerprints if f is not None]
         if trainer.accelerator.is_main_process:
             save.save_trained(trainer.model, tokenizer, Path(measured["saved"]))
-            measured["exported"] = save.write_exports(trainer.model, tokenizer, job.out, job.recipe)
     return measured
+
+
+def export_trained(job: Job) -> list[str]:
+    """output.save's merged / GGUF exports, from the saved adapter, in this process alone."""
+    quants = exports.recipe_quants(job.recipe)
+    targets = [(kind, quants if kind == "gguf" else ()) for kind in job.recipe.output.save if kind != "adapter"]
+    if not targets:
+        return []
+    run = Run(job.out, job.recipe, trained=job.out / "adapter", checkpoint=None)
+    records = export.export_run(run, targets, exports.llama_cpp_folder(os.environ))
+    return list(dict.fromkeys(str(job.out / kind) for kind, _ in targets if any(r["kind"] == kind for r in records)))
 
 
 def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], cuda: bool) -> None:
@@ -175,7 +195,7 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
         "world_size": job.world_size,
         "device": "cuda" if cuda else "cpu",
         "steps": trainer.state.global_step,
-        **{k: steady[k] for k in ("first_loss", "final_loss", "losses")},
+        **{k: steady[k] for k in ("first_loss", "final_loss", "losses", "eval_loss", "eval_losses")},
         "train_runtime_s": round(runtime, 3),
         "tokens": measured["tokens"],
         "tokens_per_second": round(measured["tokens"] / runtime, 1) if runtime else None,
@@ -236,21 +256,23 @@ def run(args: argparse.Namespace) -> int:
     job = prepare(args)
     cuda = import_stack(job)
     # Data before the model: a bad row must stop the run before minutes of model loading.
-    dataset = data.build(job.recipe.data)
+    dataset, eval_dataset = data.build(job.recipe.data, job.recipe.training.seed)
     model_name = models.resolve_model(job.recipe, data.texts_of(dataset), job.out)
     models.check_chat_template(job.recipe, model_name)
     model, tokenizer = models.load(job.recipe, model_name, SPECS[job.mode].device_map(cuda, job.local_rank))
-    trainer, record, stopper = build_trainer(job, model, tokenizer, dataset)
-    result = train(job, trainer)
+    trainer, record, stopper = build_trainer(job, model, tokenizer, dataset, eval_dataset)
+    result = train(job, trainer, record, stopper, evaluating=eval_dataset is not None)
     if stopper.stopped_at is not None:
         status = preempted(job, trainer, record, stopper.stopped_at)
-    else:
-        measured = save_and_measure(job, trainer, tokenizer, record)
-        if trainer.accelerator.is_main_process:
-            write_metrics(job, trainer, result, record, measured, cuda)
-        status = 0
-    close(trainer)
-    return status
+        close(trainer)
+        return status
+    measured = save_and_measure(job, trainer, tokenizer, record)
+    main_process = trainer.accelerator.is_main_process
+    close(trainer)  # the other ranks are done; exports need no collective
+    if main_process:
+        measured["exported"] = export_trained(job)
+        write_metrics(job, trainer, result, record, measured, cuda)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

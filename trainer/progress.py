@@ -62,6 +62,7 @@ def make_recorder(world_size: int = 1):
 
         def __init__(self) -> None:
             self.losses: list[tuple[int, float]] = []
+            self.eval_losses: list[tuple[int, float]] = []
             self.first_step_at: float | None = None
             self.step_ends: list[tuple[float, int]] = []
             self.counter: CountingCollator | None = None
@@ -77,6 +78,8 @@ def make_recorder(world_size: int = 1):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.losses.append((state.global_step, float(logs["loss"])))
+            if logs and "eval_loss" in logs:
+                self.eval_losses.append((state.global_step, float(logs["eval_loss"])))
 
         def summary(self, started_at: float) -> dict[str, Any]:
             """Steady throughput over the steps after WARMUP_STEPS (all steps if there are few)."""
@@ -95,6 +98,8 @@ def make_recorder(world_size: int = 1):
                 "first_loss": self.losses[0][1] if self.losses else None,
                 "final_loss": self.losses[-1][1] if self.losses else None,
                 "losses": self.losses,
+                "eval_loss": self.eval_losses[-1][1] if self.eval_losses else None,
+                "eval_losses": self.eval_losses,
             }
 
     return Recorder()

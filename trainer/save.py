@@ -1,5 +1,5 @@
-"""The save phase: the trained weights (the adapter, or the whole model for full fine-tuning) and
-the exports beyond it (merged 16-bit, GGUF), each written whole or not at all (recipes/atomic.py).
+"""The save phase: the trained weights (the adapter, or the whole model for full fine-tuning),
+written whole or not at all (recipes/atomic.py); the exports beyond them are trainer/export.py's.
 
 Under Unsloth's native FSDP2 the weights are sharded over the ranks: every rank must enter
 `whole_parameters`, which gathers them to rank 0, and only rank 0 writes. Otherwise every rank
@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from recipes import atomic
-from recipes.schema import Recipe
 
 
 def local_elements(model) -> int:
@@ -69,19 +68,3 @@ def save_trained(model, tokenizer, folder: Path) -> None:
         options = {"selected_adapters": [model.active_adapter]} if hasattr(model, "peft_config") else {}
         model.save_pretrained(str(tmp), **options)
         tokenizer.save_pretrained(str(tmp))
-
-
-def write_exports(model, tokenizer, out: Path, recipe: Recipe) -> list[str]:
-    """Write each requested export whole (temp folder, then swap it in); return the folders."""
-    written = []
-    for kind in recipe.output.save:
-        if kind == "adapter":
-            continue  # saved by save_trained
-        dest = out / kind
-        with atomic.folder(dest) as tmp:
-            if kind == "merged_16bit":
-                model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
-            else:
-                model.save_pretrained_gguf(str(tmp), tokenizer, quantization_method=recipe.output.gguf_quantization)
-        written.append(str(dest))
-    return written

@@ -1,0 +1,92 @@
+"""Try a run: the model it trained answers a prompt, or a short chat on the terminal.
+
+    python -m trainer.generate --run OUTPUT_FOLDER [--prompt TEXT] [--max-new-tokens N]
+
+The launcher's `generate` command checks the request and starts it (entrypoint/cli.py). It uses
+the run's merged model when there is one (merged_16bit/, or model/ after full fine-tuning), else
+the base model with the adapter; a GPU when one is visible, else the CPU. Prompts of chat recipes
+(data.format messages / instruction) go through the tokenizer's chat template, as in training;
+text recipes continue the prompt as written. Decoding is greedy unless --temperature is given.
+Without --prompt it reads one message per line from stdin until an empty line or the end, and
+keeps the conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from recipes.errors import EXIT_BAD_INPUT, BadInput
+from recipes.runs import Run
+
+
+def load(run: Run):
+    """(model, tokenizer) ready to generate."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = run.folder / ("model" if run.recipe.model.full_finetuning else "merged_16bit")
+    trust = run.trust_remote_code
+    placement = {"device_map": "auto"} if torch.cuda.is_available() else {"device_map": "cpu"}
+    if (merged / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(merged), dtype="auto", trust_remote_code=trust, **placement)
+        tokenizer_folder = merged
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(
+            run.base_model(), dtype="auto", trust_remote_code=trust, **placement
+        )
+        adapter = run.trained or run.checkpoint
+        assert adapter is not None  # the launcher refused a run with neither
+        model = PeftModel.from_pretrained(base, str(adapter))
+        tokenizer_folder = adapter
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), trust_remote_code=trust)
+    return model.eval(), tokenizer
+
+
+def reply(model, tokenizer, history: list[dict], chat: bool, max_new_tokens: int, temperature: float) -> str:
+    import torch
+
+    if chat:
+        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:
+        ids = tokenizer(history[-1]["content"], return_tensors="pt")
+    ids = {k: v.to(model.device) for k, v in ids.items()}
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trainer.generate", description=__doc__)
+    parser.add_argument("--run", required=True, help="the run's output folder")
+    parser.add_argument("--prompt", help="one prompt; without it, a chat on stdin")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    args = parser.parse_args(argv)
+    try:
+        run = Run.read(Path(args.run))
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    model, tokenizer = load(run)
+    chat = run.recipe.data.format in ("messages", "instruction") and bool(getattr(tokenizer, "chat_template", None))
+    history: list[dict] = []
+    prompts = [args.prompt] if args.prompt is not None else iter(lambda: input("you: ").strip(), "")
+    try:
+        for prompt in prompts:
+            history.append({"role": "user", "content": prompt})
+            context = history if chat else history[-1:]
+            answer = reply(model, tokenizer, context, chat, args.max_new_tokens, args.temperature)
+            history.append({"role": "assistant", "content": answer})
+            print(answer if args.prompt is not None else f"model: {answer}", flush=True)
+    except EOFError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
