@@ -223,15 +223,17 @@ def run(args: argparse.Namespace) -> int:
         os.environ.update(placement.FSDP_ENV)  # read by `import unsloth`, just below
     # Unsloth patches transformers, TRL and PEFT at import: it comes before them.
     import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda and args.mode in placement.MULTI_PROCESS:
+        # Before `import unsloth`, which allocates on the current device: left at cuda:0, rank 1
+        # allocated ~31 MB on rank 0's GPU (seen on 2 x H200).
+        torch.cuda.set_device(local_rank)
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel
 
     # Data before the model: a bad row must stop the run before minutes of model loading.
     dataset = data.build(recipe.data)
-
-    cuda = torch.cuda.is_available()
-    if cuda and args.mode in placement.MULTI_PROCESS:
-        torch.cuda.set_device(local_rank)
     model_name = resolve_model(recipe, data.texts_of(dataset), out)
     check_chat_template(recipe, model_name)
     m = recipe.model
@@ -311,7 +313,14 @@ def run(args: argparse.Namespace) -> int:
             "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
             **{
                 k: measured[k]
-                for k in ("steady_tokens_per_second", "step_time_s", "time_to_first_step_s", "steps_measured")
+                for k in (
+                    "steady_tokens_per_second",
+                    "step_time_s",
+                    "time_to_first_step_s",
+                    "steps_measured",
+                    "step_times_s",
+                    "step_tokens",
+                )
             },
             "wall_time_s": round(wall, 3),
             "peak_memory_gib": peaks,
