@@ -132,7 +132,18 @@ def trainer_config(recipe: Recipe, out: Path, precision: str) -> dict[str, Any]:
         dataloader_num_workers=0,
         max_length=recipe.model.max_seq_length,
         ddp_timeout=t.collective_timeout_s,
+        ddp_find_unused_parameters=False if trains_whole_modules(recipe) else None,
     )
+
+
+def trains_whole_modules(recipe: Recipe) -> bool:
+    """LoRA that also trains embed_tokens / lm_head in full (Unsloth's modules_to_save).
+
+    Unsloth sets DDP's find_unused_parameters=False only for a plain LoRA; with whole modules it
+    leaves transformers' True, which under reentrant gradient checkpointing fails the first backward
+    on GPUs ("marked as ready twice": the smoke recipe under ddp on 2 x H200). Every trainable weight
+    of these text models gets a gradient at every step, so DDP has no unused ones to look for."""
+    return recipe.lora is not None and bool({"embed_tokens", "lm_head"} & set(recipe.lora.target_modules))
 
 
 def make_trainer(recipe: Recipe, model, tokenizer, dataset, out: Path, precision: str, callbacks: list):

@@ -127,6 +127,16 @@ def test_the_collective_timeout_reaches_the_trainer():
     assert trainer_config(recipe, Path("/tmp/x"), "no")["ddp_timeout"] == 90
 
 
+def test_ddp_looks_for_unused_weights_only_where_unsloth_decides():
+    from recipes.train import trainer_config
+
+    # smoke trains lm_head in full: find_unused_parameters=True crashed its first ddp step on GPUs.
+    smoke = catalog.load("smoke").recipe
+    assert trainer_config(smoke, Path("/tmp/x"), "no")["ddp_find_unused_parameters"] is False
+    plain = catalog.load("smoke", ["lora.target_modules=[q_proj,v_proj]"]).recipe
+    assert trainer_config(plain, Path("/tmp/x"), "no")["ddp_find_unused_parameters"] is None
+
+
 def test_a_disk_too_small_for_the_outputs_is_reported_before_anything_is_written(tmp_path):
     env = {"OUTPUTS_DIR": str(tmp_path / "runs")}
     p = plan.make(environment.read(env), catalog.load("smoke"), [], env, str(tmp_path))
