@@ -96,7 +96,9 @@ def parse_schedule(text: str) -> list[list[list[Job]]]:
 
 
 def default_schedule(gpu_count: int, tiny: bool) -> str:
-    """Single on every combination, then ddp and fsdp over 2, 4, ... GPUs, then model over 2."""
+    """Single on every combination, each alone, then ddp and fsdp over 2, 4, ... GPUs side by side on
+    disjoint GPUs, then model over 2. Singles are the baseline of every ratio, and a 1B step (0.2 s,
+    bound by the host) ran at half speed beside other runs loading their models (4 x H200)."""
     combos = ["tiny-16bit"] if tiny else ["1b-16bit", "8b-4bit", "1b-4bit", "8b-16bit"]
     width = max(gpu_count, 2) if tiny else gpu_count  # CPU processes are not GPUs: any count
     jobs = [(f"{c}-single", 1) for c in combos]
@@ -108,7 +110,7 @@ def default_schedule(gpu_count: int, tiny: bool) -> str:
         jobs += [(f"{c}-model2", 2) for c in combos[:2]]
     waves, wave, used = [], [], 0
     for token, need in jobs:
-        if used + need > width or (wave and need != wave[0][1]):
+        if used + need > width or (wave and need != wave[0][1]) or (wave and token.endswith("-single")):
             waves.append(wave)
             wave, used = [], 0
         wave.append((token, need))
@@ -210,6 +212,7 @@ class Bench:
         self.model_locks = {name: threading.Lock() for name in settings.SHAPES}  # one build per shape
         self.prepared: dict[str, tuple[Path, Path]] = {}
         self.durations: dict[str, float] = {}
+        self.out = Path(args.out)
 
     # -- environments and processes ---------------------------------------------------------------
 
@@ -360,6 +363,7 @@ class Bench:
         entry["command"] = self.command_text(env, argv)
         log = out.parent / f"{run_id}.log"
         started = time.time()
+        entry["started_at"] = round(started, 1)  # to tell which runs' start-ups overlapped which steps
         proc = self.start(argv, env, log)
         status = self.finish(proc, run_id, self.remaining() + self.args.grace_s)
         entry["wall_s"] = round(time.time() - started, 1)
@@ -483,6 +487,8 @@ class Bench:
     # -- waves ------------------------------------------------------------------------------------
 
     def guess_s(self, job: Job) -> float:
+        if self.args.guess_s is not None:
+            return self.args.guess_s
         key = "faults" if job.mode == "faults" else job.model
         return self.durations.get(key, GUESS_S.get(key, 120))
 
@@ -504,6 +510,7 @@ class Bench:
                 found = self.faults(job, ids) if job.mode == "faults" else [self.train(job, ids)]
                 with self.lock:
                     results.extend(found)
+                    merge(self.out, found, {})  # kept even if the wave is cut short
                 for entry in found:
                     shown = {k: entry.get(k) for k in ("id", "exit_status", "tokens_per_second", "peak_memory_gib")}
                     print(json.dumps({**shown, "ok": entry.get("ok")}), flush=True)
@@ -622,6 +629,7 @@ def main() -> int:
     parser.add_argument("--models", help="folder for the model folders (default: WORK/models), e.g. /dev/shm/...")
     parser.add_argument("--deadline-s", type=float, default=3600, help="start no wave that would end after this")
     parser.add_argument("--grace-s", type=float, default=60, help="a run may outlive the deadline by this much")
+    parser.add_argument("--guess-s", type=float, help="seconds to assume per job for the deadline (default: measured)")
     parser.add_argument("--prepare", metavar="MODEL", help=argparse.SUPPRESS)  # build one model, print its paths
     args = parser.parse_args()
     if args.prepare:

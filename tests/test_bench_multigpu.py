@@ -27,14 +27,16 @@ def test_a_schedule_is_waves_of_lanes_side_by_side_of_jobs_in_turn():
             multigpu.parse_job(bad)
 
 
-def test_the_default_schedule_fills_every_gpu_with_jobs_of_one_width():
+def test_the_default_schedule_runs_singles_alone_and_the_rest_side_by_side():
     waves = multigpu.parse_schedule(multigpu.default_schedule(4, tiny=False))
-    assert [len(lane) for lane in waves[0]] == [1, 1, 1, 1]  # four single runs side by side
+    first = [[job.token for lane in wave for job in lane] for wave in waves[:2]]
+    assert first == [["1b-16bit-single"], ["8b-4bit-single"]]  # baselines alone
     for wave in waves:
         widths = {job.n for lane in wave for job in lane}
         assert len(widths) == 1 and sum(lane[0].n for lane in wave) <= 4
     tokens = {job.token for wave in waves for lane in wave for job in lane}
     assert {"8b-4bit-ddp4", "1b-16bit-fsdp2", "8b-4bit-model2"} <= tokens
+    assert any(len(wave) == 2 for wave in waves)  # two N=2 jobs side by side on 4 GPUs
 
 
 def metrics(mode: str, peaks: list[dict]) -> dict:
