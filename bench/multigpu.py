@@ -599,6 +599,7 @@ def machine(tiny: bool) -> dict:
         return {**facts, "gpu": "none (CPU, --tiny)"}
     rows = smi("--query-gpu=index,name,memory.total,driver_version")
     topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+    topo = re.sub(r"\x1b\[[0-9;]*m", "", topo)  # nvidia-smi underlines the header
     gpu = f"{len(rows)} x {rows[0][1]}" if rows else "unknown"
     return {**facts, "gpu": gpu, "gpus": rows, "topology": topo}
 
@@ -611,8 +612,9 @@ def merge(out: Path, new: list[dict], extra: dict) -> dict:
         if key == "commands":
             data.setdefault("commands", [])
             data["commands"] += [c for c in value if c not in data["commands"]]
-        elif key == "not_run":
-            data["not_run"] = value
+        elif key == "not_run":  # one record per invocation: its command and the waves it skipped
+            data.setdefault("not_run", [])
+            data["not_run"].append(value)
         else:
             data[key] = value
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -663,7 +665,7 @@ def main() -> int:
             print(f"== every run of wave {number} failed; stopping", flush=True)
             skipped += rest
             break
-    merge(out, [], {"not_run": skipped})
+    merge(out, [], {"not_run": {"command": command, "waves": skipped}})
     return 0
 
 

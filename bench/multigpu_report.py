@@ -6,6 +6,7 @@ python bench/multigpu_report.py docs/benchmarks/multigpu-h100.json   # writes .m
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -162,7 +163,10 @@ def targets(configs: list[dict], faults: list[dict], runs: list[dict]) -> list[s
             f"{verdict(not strays)}{'; ' + '; '.join(strays) if strays else ''}"
         )
     for f in faults:
-        lines.append(f"- {f['scenario']}: {verdict(f.get('ok'))}")
+        if not f.get("ok") and "before training began" in f.get("error", ""):
+            lines.append(f"- {f['scenario']}: **not shown**: the run failed before its first step (below)")
+        else:
+            lines.append(f"- {f['scenario']}: {verdict(f.get('ok'))}")
     return lines
 
 
@@ -184,7 +188,12 @@ def fault_lines(faults: list[dict]) -> list[str]:
                 f"adapter written: {f['adapter_written']}."
             )
         else:
-            lines.append(f"- {f['scenario']}: failed: {f.get('error', '')[:300]!r}")
+            error = f.get("error", "")
+            error_lines = error.splitlines()
+            # A rank's own message says more than the launcher's ChildFailedError after it.
+            ranks = [x for x in error_lines if x.startswith("[rank")]
+            cause = (ranks or [x for x in error_lines if "Error" in x] or [""])[0]
+            lines.append(f"- {f['scenario']}: failed: `{cause.strip()[:400]}`")
     return lines
 
 
@@ -211,10 +220,12 @@ def chart(data: dict, configs: list[dict], png: Path) -> None:
             errs[0].append(c["tokens_per_second"] - c["low"])
             errs[1].append(c["high"] - c["tokens_per_second"])
             single = by.get((model, load, "single", 1))
-            if single and mode in ("ddp", "fsdp"):
+            if single and mode in ("ddp", "fsdp") and single["spread"] <= DISTURBED:
                 ax.plot([xs[-1] - width / 2, xs[-1] + width / 2], [n * single["tokens_per_second"]] * 2, "k--", lw=1)
         ax.bar(xs, values, width, yerr=errs, capsize=2, label=f"{mode} x{n}")
-    ax.set_xticks(range(len(groups)), [f"{m} {load}" for m, load in groups])
+    disturbed = {(c["model"], c["load"]) for c in shown if c["mode"] == "single" and c["spread"] > DISTURBED}
+    names = [f"{m} {load}" + ("\n(single disturbed)" if (m, load) in disturbed else "") for m, load in groups]
+    ax.set_xticks(range(len(groups)), names)
     ax.set_ylabel("training tokens / s (median step; bars: range)")
     ax.set_title(f"LoRA r=16, batch 4 x 2048 per GPU, {data['machine']['gpu']} (dashes: N x single)")
     ax.legend(fontsize=8, ncol=2)
@@ -258,12 +269,15 @@ def main(path: str) -> int:
         text += ["Runs that failed:", ""]
         text += [f"- {r['id']} (exit {r.get('exit_status')}): `{r['command']}`" for r in failed]
         text += [""]
-    if data.get("not_run"):
-        text += ["Scheduled but not run (out of time):", "", *[f"- {w}" for w in data["not_run"]], ""]
+    skipped = [w for record in data.get("not_run", []) for w in record["waves"]]
+    if skipped:
+        text += ["Waves skipped by the deadline (some ran in a later invocation: see the table):", ""]
+        text += [f"- {w}" for w in skipped] + [""]
     text += ["Commands (the bench; each run's exact launcher command is in the JSON, `command`):", ""]
     text += [f"    {c}" for c in data.get("commands", [])]
     if m.get("topology"):
-        text += ["", "GPU topology (`nvidia-smi topo -m`):", "", "```", m["topology"].rstrip(), "```"]
+        topology = re.sub(r"\x1b\[[0-9;]*m", "", m["topology"]).rstrip()  # nvidia-smi underlines the header
+        text += ["", "GPU topology (`nvidia-smi topo -m`):", "", "```", topology, "```"]
     png = source.with_suffix(".png")
     try:
         chart(data, configs, png)
