@@ -141,7 +141,7 @@ def trains_whole_modules(recipe: Recipe) -> bool:
 
     Unsloth sets DDP's find_unused_parameters=False only for a plain LoRA; with whole modules it
     leaves transformers' True, which under reentrant gradient checkpointing fails the first backward
-    on GPUs ("marked as ready twice": the smoke recipe under ddp on 2 x H200). Every trainable weight
+    on GPUs ("marked as ready twice": the smoke recipe under ddp over two H200s). Every trainable weight
     of these text models gets a gradient at every step, so DDP has no unused ones to look for."""
     return recipe.lora is not None and bool({"embed_tokens", "lm_head"} & set(recipe.lora.target_modules))
 

@@ -127,7 +127,7 @@ def test_the_collective_timeout_reaches_the_trainer():
     assert trainer_config(recipe, Path("/tmp/x"), "no")["ddp_timeout"] == 90
 
 
-def test_ddp_looks_for_unused_weights_only_where_unsloth_decides():
+def test_ddp_does_not_look_for_unused_weights_when_lora_trains_whole_modules():
     from recipes.train import trainer_config
 
     # smoke trains lm_head in full: find_unused_parameters=True crashed its first ddp step on GPUs.
