@@ -2,7 +2,7 @@
 N GPUs, the model parallel run of a model no single GPU holds, and faults under NCCL.
 
     python bench/multigpu.py --out docs/benchmarks/multigpu-h100.json                 # the whole matrix
-    python bench/multigpu.py --out ... --schedule "1b-16bit-single|8b-4bit-single; 1b-16bit-ddp2|8b-4bit-ddp2"
+    python bench/multigpu.py --out ... --schedule "1b-16bit-single; 8b-4bit-single; 1b-16bit-ddp2|8b-4bit-ddp2"
     python bench/multigpu.py --out ... --schedule "70b-16bit-auto2|faults; 70b-16bit-auto4"
     python bench/multigpu.py --tiny --out /tmp/multigpu-cpu.json     # checks the benchmark itself on the CPU
 
@@ -14,8 +14,9 @@ model or auto over N GPUs; a trailing `*` leaves CUDA_VISIBLE_DEVICES unset (NUM
 the GPUs); `faults` is SIGTERM under ddp and fsdp (checkpoint, exit 143, resume) and a killed
 rank, on two GPUs. The schedule is waves separated by `;`, each wave lanes separated by `|` that
 run side by side on disjoint GPUs (in order from GPU 0), each lane jobs separated by `,` that run
-one after another. Results are merged into --out after every wave; `bench/multigpu_report.py`
-turns them into a table and a chart.
+one after another. Run the single-GPU baselines alone: a 1B step is bound by the host, and beside
+other runs loading their models it took twice as long. Each result is merged into --out as soon as
+its job ends; `bench/multigpu_report.py` turns them into a table and a chart.
 """
 
 from __future__ import annotations
