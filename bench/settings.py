@@ -44,7 +44,21 @@ SHAPES = {
         vocab_size=32000,
         seed=0,
     ),
+    # Llama-3.3-70B's layers (the bundled llama-3.3-70b-lora-model-parallel recipe's model) with
+    # the same 32k vocabulary: 69.0B parameters, 128.5 GiB in bf16, more than any one GPU holds.
+    "70b": RandomInit(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        seed=0,
+    ),
 }
+# Shapes whose weights are written tensor by tensor from the GPU (bench/bigmodel.py): building
+# them as one float32 model would need twice their bf16 size on one device.
+BIG = ("70b",)
 SEQ_LEN = 2048
 BATCH = 4
 LORA_R = 16
@@ -64,8 +78,9 @@ def synthetic_rows(count: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choices(vocab, k=WORDS_PER_ROW)) for _ in range(count)]
 
 
-def prepare(size: str, steps: int, work: Path) -> tuple[Path, Path]:
-    """-> (model folder, data file); built once per size and reused."""
+def prepare(size: str, steps: int, work: Path, models: Path | None = None) -> tuple[Path, Path]:
+    """-> (model folder, data file); built once per size and reused. `models`: where the model
+    folders go (default: work/models), e.g. a RAM disk for a 70B model."""
     from trainer import random_model
 
     work.mkdir(parents=True, exist_ok=True)
@@ -74,8 +89,13 @@ def prepare(size: str, steps: int, work: Path) -> tuple[Path, Path]:
     if not data.exists():
         data.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
     spec = SHAPES[size]
-    folder = random_model.folder_for(spec, data.name, SEQ_LEN, work / "models")
-    random_model.build(spec, rows, folder, SEQ_LEN)
+    folder = random_model.folder_for(spec, data.name, SEQ_LEN, models or work / "models")
+    writer = None
+    if size in BIG:
+        import bigmodel
+
+        writer = bigmodel.write_weights
+    random_model.build(spec, rows, folder, SEQ_LEN, write_weights=writer)
     return folder, data
 
 

@@ -127,6 +127,16 @@ def test_the_collective_timeout_reaches_the_trainer():
     assert shared_arguments(recipe, Path("/tmp/x"), "no")["ddp_timeout"] == 90
 
 
+def test_ddp_does_not_look_for_unused_weights_when_lora_trains_whole_modules():
+    from trainer.methods import shared_arguments as trainer_config
+
+    # smoke trains lm_head in full: find_unused_parameters=True crashed its first ddp step on GPUs.
+    smoke = catalog.load("smoke").recipe
+    assert trainer_config(smoke, Path("/tmp/x"), "no")["ddp_find_unused_parameters"] is False
+    plain = catalog.load("smoke", ["lora.target_modules=[q_proj,v_proj]"]).recipe
+    assert trainer_config(plain, Path("/tmp/x"), "no")["ddp_find_unused_parameters"] is None
+
+
 def test_a_disk_too_small_for_the_outputs_is_reported_before_anything_is_written(tmp_path):
     env = {"OUTPUTS_DIR": str(tmp_path / "runs")}
     p = plan_for(env, catalog.load("smoke"), [], str(tmp_path))

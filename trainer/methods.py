@@ -38,13 +38,27 @@ def shared_arguments(recipe: Recipe, out: Path, precision: str) -> dict[str, Any
         dataloader_num_workers=0,
         max_length=recipe.model.max_seq_length,
         ddp_timeout=t.collective_timeout_s,
-        # Evaluation (when the recipe holds rows out): the loss only, every eval_steps; the program
-        # also evaluates at the start and the end. Under ddp each rank evaluates its share.
+        ddp_find_unused_parameters=False if trains_whole_modules(recipe) else None,
+        # Evaluation (when the recipe holds rows out): the loss only, first inside the training loop
+        # (once the model is prepared: evaluating before train() prepares it apart from the optimizer,
+        # which broke fsdp's optimizer checkpoints), every eval_steps, and at the end (the program).
+        # Under ddp each rank evaluates its share.
+        eval_on_start=recipe.data.evaluates,
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps or None,
         per_device_eval_batch_size=t.per_device_batch_size,
         prediction_loss_only=True,
     )
+
+
+def trains_whole_modules(recipe: Recipe) -> bool:
+    """LoRA that also trains embed_tokens / lm_head in full (Unsloth's modules_to_save).
+
+    Unsloth sets DDP's find_unused_parameters=False only for a plain LoRA; with whole modules it
+    leaves transformers' True, which under reentrant gradient checkpointing fails the first backward
+    on GPUs ("marked as ready twice": the smoke recipe under ddp over two H200s). Every trainable weight
+    of these text models gets a gradient at every step, so DDP has no unused ones to look for."""
+    return recipe.lora is not None and bool({"embed_tokens", "lm_head"} & set(recipe.lora.target_modules))
 
 
 def supervised(recipe: Recipe, model, tokenizer, dataset, eval_dataset, shared: dict[str, Any], callbacks: list):

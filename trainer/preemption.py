@@ -5,8 +5,10 @@ the same recipe resumes from it.
 Under DDP every rank must stop at the same step, or the others would wait forever in the next
 gradient all-reduce. The launcher signals the whole process group, but the ranks may see the
 signal at different steps, so each step starts an asynchronous all-reduce of "was I asked to
-stop?" and the next step reads its result: all ranks read the same value at the same step, and
-nothing waits on the GPU in between.
+stop?" and the next step reads its result: all ranks read the same value at the same step.
+The flag is a CPU tensor on a gloo group of its own, also when training runs over NCCL: read
+back from the GPU, it made the host wait at every step's end until the GPU had finished all
+queued work, an extra host-device sync per step that single-GPU runs do not pay.
 
 On a GPU the handler was reset between its installation and the first step (seen on an H100:
 the rank then died at once, without a checkpoint), so it is re-asserted at the start of
@@ -28,6 +30,7 @@ def make_callback(world_size: int):
             self.stopped_at: int | None = None  # the step whose checkpoint was saved
             self._pending = None  # (work handle, tensor) of the previous step's agreement
             self._reported = False
+            self._group = None  # the gloo group the flag travels on (created by every rank at once)
 
         def _ask(self, signum: int, _frame: FrameType | None) -> None:
             self.asked = True
@@ -42,6 +45,13 @@ def make_callback(world_size: int):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.install()
+            if world_size > 1 and self._group is None:
+                import datetime
+
+                import torch.distributed as dist
+
+                timeout = datetime.timedelta(seconds=args.ddp_timeout)
+                self._group = dist.new_group(backend="gloo", timeout=timeout)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.install()
@@ -55,11 +65,10 @@ def make_callback(world_size: int):
             decided = False
             if self._pending is not None:
                 work, flag = self._pending
-                work.wait()
+                work.wait()  # the host waits for the other ranks' hosts, never for a GPU
                 decided = bool(flag.item())
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            flag = torch.tensor([1 if self.asked else 0], device=device)
-            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+            flag = torch.tensor([1 if self.asked else 0])
+            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
             return decided
 
         def on_step_end(self, args, state, control, **kwargs):

@@ -134,12 +134,11 @@ def build_trainer(job: Job, model, tokenizer, dataset, eval_dataset):
 
 
 def train(job: Job, trainer, record, stopper, evaluating: bool):
-    """Train; with evaluation rows, evaluate first (the baseline, unless resuming) and last (unless
-    the last step just did). Every rank calls evaluate: under ddp each evaluates its share."""
+    """Train; with evaluation rows the trainer evaluates first (eval_on_start: the baseline, or
+    where a resumed run starts) and every eval_steps; here, last (unless the last step just did).
+    Every rank calls evaluate: under ddp each evaluates its share."""
     if job.resume and trainer.accelerator.is_main_process:
         print(f"resuming from {job.resume} (output.resume=false starts fresh)", flush=True)
-    if evaluating and not job.resume:
-        trainer.evaluate()
     result = trainer.train(resume_from_checkpoint=job.resume)
     stopped = stopper.stopped_at is not None
     last = trainer.state.global_step
@@ -199,7 +198,17 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
         "train_runtime_s": round(runtime, 3),
         "tokens": measured["tokens"],
         "tokens_per_second": round(measured["tokens"] / runtime, 1) if runtime else None,
-        **{k: steady[k] for k in ("steady_tokens_per_second", "step_time_s", "time_to_first_step_s", "steps_measured")},
+        **{
+            k: steady[k]
+            for k in (
+                "steady_tokens_per_second",
+                "step_time_s",
+                "time_to_first_step_s",
+                "steps_measured",
+                "step_times_s",
+                "step_tokens",
+            )
+        },
         "wall_time_s": round(wall, 3),
         "peak_memory_gib": measured["peak_memory_gib"],
         "trainable_elements_per_rank": measured["trainable_elements_per_rank"],

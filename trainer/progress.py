@@ -89,11 +89,15 @@ def make_recorder(world_size: int = 1):
             steady = ends[skip:]
             elapsed = steady[-1][0] - origin[0] if steady else 0.0
             tokens = steady[-1][1] - origin[1] if steady else 0
-            times = [b[0] - a[0] for a, b in zip([origin, *steady[:-1]], steady, strict=True)]
+            pairs = list(zip([origin, *steady[:-1]], steady, strict=True))
+            times = [b[0] - a[0] for a, b in pairs]
             return {
                 "steps_measured": len(steady),
                 "steady_tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
                 "step_time_s": round(statistics.median(times), 4) if times else None,
+                # Each steady step on its own, so a benchmark can give the spread, not just the mean.
+                "step_times_s": [round(t, 4) for t in times],
+                "step_tokens": [b[1] - a[1] for a, b in pairs],
                 "time_to_first_step_s": round(self.first_step_at - started_at, 3) if self.first_step_at else None,
                 "first_loss": self.losses[0][1] if self.losses else None,
                 "final_loss": self.losses[-1][1] if self.losses else None,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from recipes import atomic
 from recipes.schema import RandomInit
@@ -56,8 +57,18 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int):
     )
 
 
-def build(spec: RandomInit, texts: list[str], dest: Path, max_seq_length: int) -> Path:
-    """Write the model folder at dest (if it is not there yet) and return dest."""
+def build(
+    spec: RandomInit,
+    texts: list[str],
+    dest: Path,
+    max_seq_length: int,
+    write_weights: Callable[[Any, Path], None] | None = None,
+) -> Path:
+    """Write the model folder at dest (if it is not there yet) and return dest.
+
+    `write_weights(config, folder)` replaces the default (a whole LlamaForCausalLM built in
+    float32 on one device, then saved) for shapes too large for that: bench/bigmodel.py writes
+    a 70B model's safetensors one tensor at a time."""
     from filelock import FileLock
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -82,13 +93,18 @@ def build(spec: RandomInit, texts: list[str], dest: Path, max_seq_length: int) -
             pad_token_id=tokenizer.pad_token_id,
             torch_dtype="bfloat16",
         )
-        torch.manual_seed(spec.seed)
-        # Initialising billions of weights is far faster on a GPU; the result is saved either way.
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
         with atomic.folder(dest) as tmp:
-            model.save_pretrained(tmp)
+            if write_weights is not None:
+                tmp.mkdir()
+                write_weights(config, tmp)
+                config.save_pretrained(tmp)
+            else:
+                torch.manual_seed(spec.seed)
+                # Initialising billions of weights is far faster on a GPU; the result is saved either way.
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                with torch.device(device):
+                    model = LlamaForCausalLM(config).to(torch.bfloat16)
+                model.save_pretrained(tmp)
+                del model
             tokenizer.save_pretrained(tmp)
-        del model
     return dest
