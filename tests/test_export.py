@@ -67,8 +67,9 @@ def read_gguf(path: Path, llama_cpp: Path) -> dict:
     code = (
         f"import sys, json; sys.path.insert(0, {str(llama_cpp / 'gguf-py')!r}); from gguf import GGUFReader; "
         f"r = GGUFReader({str(path)!r}); f = r.fields; "
-        "print(json.dumps({'arch': f['general.architecture'].contents(), 'tokens': len(f['tokenizer.ggml.tokens']"
-        ".contents()), 'types': sorted({t.tensor_type.name for t in r.tensors}), 'tensors': len(r.tensors)}))"
+        "print(json.dumps({'arch': f['general.architecture'].contents(), 'pre': f['tokenizer.ggml.pre'].contents(), "
+        "'tokens': len(f['tokenizer.ggml.tokens'].contents()), "
+        "'types': sorted({t.tensor_type.name for t in r.tensors}), 'tensors': len(r.tensors)}))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -81,8 +82,9 @@ def test_export_writes_a_merged_model_and_gguf_files_and_records_them(single_run
     assert done.returncode == 0, done.stderr[-3000:]
     merged_matches_adapter(single_run)
     q8, f16 = (single_run / "gguf" / f"smoke-{q}.gguf" for q in ("q8_0", "f16"))
-    assert read_gguf(q8, llama_cpp) | {"tensors": 0} == {"arch": "llama", "tokens": 384, "types": ["F32", "Q8_0"],
-                                                         "tensors": 0}  # fmt: skip
+    # "gpt-2": the random-init tokenizer's pre-tokenizer, by the name llama.cpp's runtime knows.
+    expected = {"arch": "llama", "pre": "gpt-2", "tokens": 384, "types": ["F32", "Q8_0"], "tensors": 21}
+    assert read_gguf(q8, llama_cpp) == expected
     assert read_gguf(f16, llama_cpp)["types"] == ["F16", "F32"]
     assert q8.stat().st_size < 0.7 * f16.stat().st_size
     recorded = json.loads((single_run / "exports.json").read_text())

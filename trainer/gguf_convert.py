@@ -5,8 +5,8 @@
 The converter names a byte-level BPE tokenizer's pre-tokenizer by hashing how it splits a test
 text, and refuses a hash it does not list. The random-init models this project builds offline
 (trainer/random_model.py) have such a tokenizer with GPT-2's own pre-tokenizer (ByteLevel with
-GPT-2's regex), which llama.cpp implements as "gpt2"; they, and any tokenizer declared that way,
-convert as "gpt2". Every tokenizer the converter knows converts exactly as it would without this.
+GPT-2's regex), which llama.cpp implements as "gpt-2"; they, and any tokenizer declared that way,
+convert as "gpt-2". Every tokenizer the converter knows converts exactly as it would without this.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
             return known(self, tokenizer)
         except NotImplementedError:
             if gpt2_pre_tokenizer(Path(self.dir_model)):
-                return "gpt2"
+                return "gpt-2"
             raise
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
