@@ -140,6 +140,11 @@ def train(job: Job, trainer, record, stopper, evaluating: bool):
     if job.resume and trainer.accelerator.is_main_process:
         print(f"resuming from {job.resume} (output.resume=false starts fresh)", flush=True)
     result = trainer.train(resume_from_checkpoint=job.resume)
+    from accelerate.utils import gather_object
+
+    # What each rank holds while it trains (all of it under ddp, its shard under fsdp), taken
+    # before the last evaluation, which leaves fsdp's parameters gathered on every rank.
+    record.held = gather_object([save.local_elements(trainer.model)])
     stopped = stopper.stopped_at is not None
     last = trainer.state.global_step
     if evaluating and not stopped and not (record.eval_losses and record.eval_losses[-1][0] == last):
@@ -156,7 +161,7 @@ def save_and_measure(job: Job, trainer, tokenizer, record) -> dict[str, Any]:
 
     full = job.recipe.model.full_finetuning
     measured = {
-        "trainable_elements_per_rank": gather_object([save.local_elements(trainer.model)]),
+        "trainable_elements_per_rank": record.held,
         "peak_memory_gib": gather_object([progress.peak_memory_gib()]),
         "tokens": sum(gather_object([record.counter.tokens])),
         "saved": str(job.out / ("model" if full else "adapter")),

@@ -66,6 +66,7 @@ def make_recorder(world_size: int = 1):
             self.first_step_at: float | None = None
             self.step_ends: list[tuple[float, int]] = []
             self.counter: CountingCollator | None = None
+            self.held: list[int] = []  # trainable elements per rank, set by the program after training
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.first_step_at is None:
