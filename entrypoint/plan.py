@@ -287,8 +287,9 @@ def accelerate_config(num_processes: int, gpus: list[Gpu], precision: str, clust
 
 
 def child_env(mode: Mode, gpus: list[Gpu], environ: dict[str, str]) -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    # The project root first, once: the image's own PYTHONPATH already names it.
+    inherited = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(PROJECT_ROOT)]
+    env = {"PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *inherited]), "PYTHONUNBUFFERED": "1"}
     if mode == "fsdp":
         env.update(placement.FSDP_ENV)
     if not gpus:
