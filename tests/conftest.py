@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -92,6 +93,20 @@ def run_training_program(cwd: Path, mode: str, **env: str) -> subprocess.Complet
         text=True,
         timeout=120,
     )
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The commands of the bash blocks under README.md's `### heading`: continuation lines joined,
+    comments dropped."""
+    section = (ROOT / "README.md").read_text().split(f"\n### {heading}\n", 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line:
+                commands.append(line)
+    return commands
 
 
 def write_recipe(folder: Path, name: str, text: str) -> Path:
