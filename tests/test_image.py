@@ -78,6 +78,19 @@ def test_every_network_step_of_the_build_is_retried():
     assert pip and all("--retries" in r and "for try in" in r for r in pip)
 
 
+def test_the_image_installs_the_lock_and_nothing_else():
+    # A torch from another index, reinstalled --no-deps over the lock's CUDA 13 libraries, would
+    # not import; every package comes from the lock, resolved as a whole.
+    runs = " ".join(rest for word, rest in instructions() if word == "RUN")
+    installs = [shlex.split(args) for args in re.findall(r"/bin/pip install ([^;&]*)", runs)]
+    assert installs
+    for words in installs:
+        takes_value = {"-r", "--retries", "--timeout", "--cache-dir"}
+        named = [w for i, w in enumerate(words) if not w.startswith("-") and words[i - 1] not in takes_value]
+        assert named == [] and "--no-deps" in words and words[words.index("-r") + 1] == "/tmp/image.lock", words
+        assert not any("index-url" in w or "find-links" in w for w in words), words
+
+
 def test_everything_the_dockerfile_copies_exists():
     copies = [rest.split() for word, rest in instructions() if word == "COPY" and "--from" not in rest]
     assert copies
