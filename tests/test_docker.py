@@ -483,7 +483,7 @@ def compose(image: str, tmp_path: Path) -> Iterator[Compose]:
     (tmp_path / "recipes-local").mkdir()
     project = Compose(tmp_path, f"unsloth-recipes-test-{uuid.uuid4().hex[:12]}")
     yield project
-    project.sh("docker compose down --volumes --remove-orphans")
+    project.sh('docker compose --profile "*" down --volumes --remove-orphans')  # every profile's containers
 
 
 def compose_line(matches: Callable[[str], bool], what: str) -> str:
