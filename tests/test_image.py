@@ -119,6 +119,12 @@ def test_every_path_the_stack_writes_is_under_a_declared_volume():
     assert any(workdir == v or workdir.startswith(v + "/") for v in declared)
 
 
+def test_tini_is_pid_1_and_starts_the_launcher():
+    # tini reaps orphans and passes docker stop's SIGTERM on; test_docker.py stops a run with it.
+    entrypoint = next(json.loads(rest) for word, rest in final_stage() if word == "ENTRYPOINT")
+    assert entrypoint == ["tini", "--", "python", "-m", "entrypoint"]
+
+
 def test_the_image_runs_as_a_numeric_non_root_user():
     user = next(rest for word, rest in final_stage() if word == "USER")
     uid = user.split(":")[0]
