@@ -176,6 +176,18 @@ def mkdir_outputs(cwd: Path) -> Path:
     return cwd / "outputs"
 
 
+def app_sources() -> list[str]:
+    """The files of entrypoint/ and recipes/ in this checkout, less what git ignores."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "entrypoint", "recipes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return listed.stdout.split()
+
+
 # ---- the image itself
 
 
@@ -195,13 +207,7 @@ def test_the_image_runs_as_app_uid_1000_where_the_base_had_ubuntu(image):
 
 def test_app_holds_the_launcher_and_recipes_as_checked_out_with_their_bytecode_only(image):
     listing = docker("run", "--rm", "--entrypoint", "find", image, "/app", "-type", "f").stdout.split()
-    ours = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "entrypoint", "recipes"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    ours = app_sources()
     files = [path.removeprefix("/app/") for path in listing]
     sources = sorted(f for f in files if "__pycache__" not in f)
     assert sources == sorted(ours)
@@ -227,13 +233,7 @@ def test_the_build_context_is_only_what_the_dockerfile_copies(image):
         listing = docker("run", "--rm", "--entrypoint", "find", tag, "/context", "-type", "f").stdout.split()
     finally:
         docker("rmi", "-f", tag)
-    ours = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "entrypoint", "recipes"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    ours = app_sources()
     sent = sorted(path.removeprefix("/context/") for path in listing)
     assert sent == sorted([*ours, "requirements/image.lock"])
 
