@@ -1,12 +1,15 @@
 # Two commands on a fresh machine (each builds .venv first if needed):
 #   make smoke   run the main job: the offline smoke recipe, through the launcher, on the CPU
-#   make test    run the whole test suite (what .ci/run runs)
+#   make test    run the whole test suite (what .ci/run runs; it builds the image too)
+# and, for the image:
+#   make image   docker build -t unsloth-recipes . (starts the engine and builds a stand-in base where needed)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+IMAGE  ?= unsloth-recipes
 
-.PHONY: smoke test lint lock llama-cpp clean
+.PHONY: smoke test image lint lock llama-cpp clean
 
 # Every package is pinned in a lock and installed with --no-deps: nothing is resolved here, so
 # what the package index publishes later cannot change this environment (requirements/lock.py).
@@ -23,6 +26,11 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# .ci/image.sh says how: the engine, the base (nvidia/cuda, or the stand-in where Docker Hub is out
+# of reach) and the builder.
+image:
+	IMAGE=$(IMAGE) .ci/image.sh
 
 # Re-resolve requirements/*.in into their locks as of now (after editing an .in file, or to take
 # newer releases on purpose); commit the .in and .lock files together.

@@ -34,8 +34,9 @@ def check_writable(folder: Path) -> None:
             pass
     except OSError as exc:
         raise BadInput(
-            f"output folder {str(folder)!r} cannot be written ({exc.strerror}); mount a writable "
-            f"volume there or set OUTPUTS_DIR / output.dir to a writable folder"
+            f"output folder {str(folder)!r} cannot be written by UID {os.getuid()} ({exc.strerror}); give that "
+            'user write access (on the host: mkdir -p outputs and chown it, or docker run --user "$(id -u):$(id -g)" '
+            "to run as its owner), mount a writable volume there, or set OUTPUTS_DIR / output.dir to a writable folder"
         ) from None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,20 @@ def plan_for(env: dict[str, str], loaded, inventory: list, cwd: str = "/work", p
 
     facts = dataclasses.replace(host.gather(env, loaded.recipe, cwd, python=python, ask_hub=False), gpus=inventory)
     return plan.make(environment.read(env), loaded, facts)
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The commands of the bash blocks under README.md's `### heading`: continuation lines joined,
+    comments dropped."""
+    section = (ROOT / "README.md").read_text().split(f"\n### {heading}\n", 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line:
+                commands.append(line)
+    return commands
 
 
 def write_recipe(folder: Path, name: str, text: str) -> Path:

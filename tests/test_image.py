@@ -1,22 +1,23 @@
-"""The ways users run it: the Dockerfile (lint, what it copies, its volumes, its very command),
-docker-compose.yml and the Kubernetes files (against their schemas).
-CI has the docker client only, so the image's command runs here on the CPU, as written."""
+"""The ways users run it, checked without an engine: the Dockerfile (lint, what it copies, its
+volumes, its user), docker-compose.yml and the Kubernetes examples (rendered by kustomize, as
+`kubectl apply -k` sends them, against Kubernetes' schemas). test_docker.py builds the image and
+runs it."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, clean_env, plan_for
+from conftest import ROOT, plan_for, readme_commands
 
 DOCKERFILE = ROOT / "Dockerfile"
 BIN = Path(sys.executable).parent
@@ -56,16 +57,38 @@ def volumes() -> list[str]:
     return [v for word, rest in final_stage() if word == "VOLUME" for v in json.loads(rest)]
 
 
-def exec_form(word: str) -> list[str]:
-    return next(json.loads(rest) for w, rest in final_stage() if w == word)
-
-
 # ---- the Dockerfile
 
 
 def test_hadolint_passes():
     done = subprocess.run([str(BIN / "hadolint"), str(DOCKERFILE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_dockerfile_names_no_frontend_to_fetch():
+    # BuildKit fetches a `# syntax=` frontend from Docker Hub: offline and mirror-only builds fail.
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.I | re.M)
+
+
+def test_every_network_step_of_the_build_is_retried():
+    runs = [rest for word, rest in instructions() if word == "RUN"]
+    apt = [r for r in runs if "apt-get" in r]
+    pip = [r for r in runs if "pip install" in r]
+    assert apt and all(r.count("apt-get ") == r.count("apt-get -o Acquire::Retries=") for r in apt)
+    assert pip and all("--retries" in r and "for try in" in r for r in pip)
+
+
+def test_the_image_installs_the_lock_and_nothing_else():
+    # A torch from another index, reinstalled --no-deps over the lock's CUDA 13 libraries, would
+    # not import; every package comes from the lock, resolved as a whole.
+    runs = " ".join(rest for word, rest in instructions() if word == "RUN")
+    installs = [shlex.split(args) for args in re.findall(r"/bin/pip install ([^;&]*)", runs)]
+    assert installs
+    for words in installs:
+        takes_value = {"-r", "--retries", "--timeout", "--cache-dir"}
+        named = [w for i, w in enumerate(words) if not w.startswith("-") and words[i - 1] not in takes_value]
+        assert named == [] and "--no-deps" in words and words[words.index("-r") + 1] == "/tmp/image.lock", words
+        assert not any("index-url" in w or "find-links" in w for w in words), words
 
 
 def test_everything_the_dockerfile_copies_exists():
@@ -96,6 +119,12 @@ def test_every_path_the_stack_writes_is_under_a_declared_volume():
     assert any(workdir == v or workdir.startswith(v + "/") for v in declared)
 
 
+def test_tini_is_pid_1_and_starts_the_launcher():
+    # tini reaps orphans and passes docker stop's SIGTERM on; test_docker.py stops a run with it.
+    entrypoint = next(json.loads(rest) for word, rest in final_stage() if word == "ENTRYPOINT")
+    assert entrypoint == ["tini", "--", "python", "-m", "entrypoint"]
+
+
 def test_the_image_runs_as_a_numeric_non_root_user():
     user = next(rest for word, rest in final_stage() if word == "USER")
     uid = user.split(":")[0]
@@ -105,37 +134,6 @@ def test_the_image_runs_as_a_numeric_non_root_user():
 def test_no_secret_is_baked_into_the_image():
     assert not {"HF_TOKEN", "WANDB_API_KEY"} & set(image_env())
     assert not any(word == "ARG" and "TOKEN" in rest.upper() for word, rest in instructions())
-
-
-def map_container_path(value: str, root: Path) -> str:
-    """The image's paths, made real on this machine: /workspace -> a temp folder, /app -> the repo."""
-    value = value.replace("/workspace", str(root / "workspace")).replace("/opt/venv/bin", str(BIN))
-    return value.replace("/app", str(ROOT)).replace("$PATH", os.environ["PATH"])
-
-
-def test_the_images_own_command_trains_the_smoke_recipe_on_the_cpu(tmp_path):
-    entrypoint = exec_form("ENTRYPOINT")
-    assert entrypoint[:2] == ["tini", "--"], "tini must be PID 1 to reap orphans"
-    if shutil.which("tini") is None:
-        entrypoint = entrypoint[2:]  # tini only reaps orphans and passes signals on
-    env = clean_env(**{k: map_container_path(v, tmp_path) for k, v in image_env().items()})
-    env.pop("VIRTUAL_ENV", None)
-    for folder in volumes():
-        Path(map_container_path(folder, tmp_path)).mkdir(parents=True, exist_ok=True)
-    workdir = Path(map_container_path(next(rest for word, rest in final_stage() if word == "WORKDIR"), tmp_path))
-    env["TMPDIR"] = str(tmp_path)  # the host's /tmp stands in for the container's tmp volume
-    before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-
-    done = subprocess.run([*entrypoint, "smoke"], cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / "workspace" / "outputs" / "smoke"
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "metrics.json").is_file()
-    after = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    assert after == before, "the run wrote into the application folder"
-
-    help_run = subprocess.run(entrypoint, cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
-    assert help_run.returncode == 0 and "bundled recipes:" in help_run.stdout
 
 
 # ---- docker compose
@@ -150,23 +148,57 @@ def test_compose_file_validates_against_the_compose_spec():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_compose_reserves_gpus_prevents_the_known_stalls_and_passes_secrets_through():
-    train = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["train"]
-    devices = train["deploy"]["resources"]["reservations"]["devices"]
+def compose_services() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+def test_compose_gpu_service_reserves_gpus_prevents_the_known_stalls_and_passes_secrets_through():
+    gpu = compose_services()["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
-    assert train["ipc"] == "host" and train["ulimits"]["memlock"] == -1
-    assert "HF_TOKEN" in train["environment"], "the token passes through from the host, without a value"
-    assert any(e.startswith("PARALLELISM=${PARALLELISM") for e in train["environment"])
-    assert train["read_only"] is True and "/tmp" in train["tmpfs"]
+    assert gpu["ipc"] == "host" and gpu["ulimits"]["memlock"] == -1 and gpu["ulimits"]["stack"] == 67108864
+    assert "HF_TOKEN" in gpu["environment"], "the token passes through from the host, without a value"
+    assert any(e.startswith("PARALLELISM=${PARALLELISM") for e in gpu["environment"])
+    assert gpu["read_only"] is True and "/tmp" in gpu["tmpfs"]
+
+
+def test_a_plain_compose_up_starts_only_services_that_need_no_gpu():
+    default = {name: s for name, s in compose_services().items() if "profiles" not in s}
+    assert default and all("deploy" not in service for service in default.values())
 
 
 # ---- Kubernetes
 
 
+def examples(root: Path = KUBE) -> list[Path]:
+    """The folders `kubectl apply -k` takes: a kustomization each (../image is a component)."""
+    return sorted(
+        path.parent
+        for path in root.glob("*/kustomization.yaml")
+        if yaml.safe_load(path.read_text())["kind"] == "Kustomization"
+    )
+
+
+def rendered(folder: Path) -> list[dict]:
+    """What `kubectl apply -k folder` sends: kubectl's own kustomize, offline."""
+    done = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
 def kube_documents() -> list[tuple[str, dict]]:
-    return [
-        (path.name, doc) for path in sorted(KUBE.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc
-    ]
+    plain = [(path.name, doc) for path in sorted(KUBE.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())]
+    built = [(f"{folder.name}/{doc['kind']}", doc) for folder in examples() for doc in rendered(folder)]
+    return [(name, doc) for name, doc in plain + built if doc]
+
+
+def containers(doc: dict) -> list[dict]:
+    return [container for spec in pod_specs(doc) for container in spec["containers"]]
+
+
+def image_component(root: Path = KUBE) -> dict:
+    (entry,) = yaml.safe_load((root / "image" / "kustomization.yaml").read_text())["images"]
+    return entry
 
 
 def pod_specs(doc: dict) -> list[dict]:
@@ -241,3 +273,66 @@ def test_every_one_pod_job_plans_the_mode_it_names_on_the_gpus_it_requests(name,
     p = plan_for(env, loaded, gpus.assumed(f"{count}x80"), "/workspace")
     assert p.mode == environment.parse_parallelism(env["PARALLELISM"]) and not p.warnings
     assert len(p.gpu_ids) == count
+
+
+def test_every_pod_runs_the_image_named_in_the_image_component_pulled_only_when_missing():
+    entry = image_component()
+    assert "example" in entry["newName"], "a placeholder that cannot be mistaken for a real registry"
+    assert entry["newTag"] == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    pods = [c for _, doc in kube_documents() for c in containers(doc)]
+    assert pods
+    for container in pods:
+        assert container["image"] == f"{entry['newName']}:{entry['newTag']}"
+        assert container["imagePullPolicy"] == "IfNotPresent"
+    for _, doc in kube_documents():  # kustomize sets container images only: none may hide elsewhere
+        assert values_of(doc, "image", skip=("containers", "initContainers")) == []
+
+
+def test_the_registry_is_set_in_one_place_for_every_example(tmp_path):
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBE, copy)
+    component = copy / "image" / "kustomization.yaml"
+    component.write_text(component.read_text().replace(image_component()["newName"], "ghcr.io/someone/unsloth-recipes"))
+    images = {c["image"] for folder in examples(copy) for doc in rendered(folder) for c in containers(doc)}
+    assert images == {f"ghcr.io/someone/unsloth-recipes:{image_component()['newTag']}"}
+
+
+def test_the_readmes_kubectl_lines_apply_every_example_and_the_volumes():
+    applied = {"-k": set(), "-f": set()}
+    for line in readme_commands("Kubernetes"):
+        words = shlex.split(line)
+        if words[:2] == ["kubectl", "apply"]:
+            assert len(words) == 4 and words[2] in applied, line
+            applied[words[2]].add(ROOT / words[3])
+        else:
+            assert words[0] == "docker" or words[:3] == ["kubectl", "create", "secret"], f"unchecked line: {line}"
+    assert applied["-k"] == set(examples())
+    assert applied["-f"] == set(KUBE.glob("*.yaml")) == {KUBE / "pvc.yaml"}
+
+
+def test_the_readmes_secret_is_the_one_the_pods_read():
+    line = next(c for c in readme_commands("Kubernetes") if c.startswith("kubectl create secret"))
+    done = subprocess.run(
+        [*shlex.split(line), "--dry-run=client", "-o", "yaml"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    secret = yaml.safe_load(done.stdout)
+    read = {
+        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for _, doc in kube_documents()
+        for env in values_of(doc, "env")  # containers' and the TrainJob's alike
+        for e in env
+        if e["name"] == "HF_TOKEN"
+    }
+    assert read == {(secret["metadata"]["name"], next(iter(secret["data"])))}
+
+
+def values_of(node: object, key: str, skip: tuple[str, ...] = ()) -> list:
+    """Every value of `key` anywhere in a resource, without looking inside the keys in `skip`."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == key] + [
+            found for k, v in node.items() if k not in (key, *skip) for found in values_of(v, key, skip)
+        ]
+    if isinstance(node, list):
+        return [found for v in node for found in values_of(v, key, skip)]
+    return []

@@ -226,3 +226,10 @@ def test_allow_cpu_lets_a_gpu_recipe_plan_on_the_cpu(big_recipe):
 def test_plan_is_pure_and_writes_nothing(tmp_path: Path):
     make({"PARALLELISM": "ddp"}, INVENTORIES["2x80"], cwd=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_child_finds_the_project_first_and_once_on_pythonpath():
+    root = str(plan.PROJECT_ROOT)
+    # The image sets PYTHONPATH to the project root itself; a user's own entries follow it.
+    assert make({"PYTHONPATH": root}, []).env["PYTHONPATH"] == root
+    assert make({"PYTHONPATH": f"/mine:{root}"}, []).env["PYTHONPATH"] == f"{root}:/mine"
