@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -52,9 +53,29 @@ def check_space(folder: Path, needed_gib: float) -> None:
         )
 
 
-def write_files(plan: Plan) -> None:
+# Where the stack writes besides the output folder (the image points them all into its cache volume).
+CACHE_VARIABLES = ("HOME", "HF_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_COMPILE_LOCATION")
+
+
+def check_caches(environ: Mapping[str, str]) -> None:
+    """BadInput when a cache folder that exists cannot be written: a cache volume first used by
+    another user (its folders are that user's), where training would fail minutes later."""
+    for name in CACHE_VARIABLES:
+        folder = Path(environ.get(name) or "")
+        if not environ.get(name) or not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
+            continue
+        owner = folder.stat().st_uid
+        raise BadInput(
+            f"cache folder {str(folder)!r} ({name}) cannot be written by UID {os.getuid()}: it belongs to UID "
+            f"{owner}, who ran with this cache first; run as that user again (docker run --user {owner}), or give "
+            f"this user a cache of its own (a new volume on /workspace/cache)"
+        )
+
+
+def write_files(plan: Plan, environ: Mapping[str, str]) -> None:
     check_space(Path(plan.output_dir), plan.disk_gib)
     check_writable(Path(plan.output_dir))
+    check_caches(environ)
     for path, text in plan.files.items():
         atomic.write_text(Path(path), text)
 
@@ -64,7 +85,7 @@ def exit_status(returncode: int) -> int:
 
 
 def execute(plan: Plan, started_at: float) -> int:
-    write_files(plan)
+    write_files(plan, os.environ)
     # The child reports time-to-first-step from the moment the launcher started.
     env = {**os.environ, **plan.env, "ENTRYPOINT_STARTED_AT": repr(started_at)}
     for name in plan.env_unset:

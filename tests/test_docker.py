@@ -466,6 +466,23 @@ def test_an_outputs_folder_docker_created_as_root_is_refused_naming_the_uid_and_
     assert list((tmp_path / "outputs").iterdir()) == []
 
 
+def test_a_cache_volume_of_another_user_is_refused_naming_its_owner(image, tmp_path, work):
+    """The smoke line as UID 1000 fills the cache volume with folders of its own; the same line as
+    another user is refused before anything starts, instead of failing when a cache is written."""
+    outputs = mkdir_outputs(tmp_path)
+    give_to(outputs, 1000)
+    try:
+        first = sh(work(as_user(smoke_line(), None)) + " training.max_steps=2", tmp_path)
+        assert first.returncode == 0, first.stderr[-3000:]
+        give_to(outputs, OTHER_UID)
+        done = sh(work(as_user(smoke_line(), OTHER_UID)), tmp_path)
+        message = one_error_line(done)
+        assert f"cannot be written by UID {OTHER_UID}: it belongs to UID 1000" in message
+        assert "docker run --user 1000" in message and "a new volume on /workspace/cache" in message
+    finally:
+        give_to(outputs, os.getuid())
+
+
 def test_a_gpu_line_without_gpus_is_refused_asking_for_gpus_all(image, tmp_path, work):
     outputs = mkdir_outputs(tmp_path)
     line = without_gpus(work(gpu_line("llama-3.1-8b-qlora-chat")))

@@ -141,7 +141,7 @@ def test_a_disk_too_small_for_the_outputs_is_reported_before_anything_is_written
     env = {"OUTPUTS_DIR": str(tmp_path / "runs")}
     p = plan_for(env, catalog.load("smoke"), [], str(tmp_path))
     with pytest.raises(BadInput, match=r"GiB free but the run will write ~1e\+06 GiB"):
-        launch.write_files(dataclasses.replace(p, disk_gib=1e6))
+        launch.write_files(dataclasses.replace(p, disk_gib=1e6), {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -197,3 +197,16 @@ def test_a_folder_written_atomically_replaces_the_old_one_only_when_complete(tmp
         tmp.mkdir()
         (tmp / "weights").write_text("new")
     assert (dest / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_files_a_run_writes_are_readable_as_the_umask_allows_not_private(tmp_path):
+    # Written through a temp file (mkstemp makes it 0600): under docker run --user, another host
+    # user must still be able to read metrics.json as they read any file the run wrote.
+    from recipes import atomic
+
+    previous = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "metrics.json", "{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
