@@ -84,3 +84,10 @@ def test_the_command_lines_help_is_the_contract():
         [sys.executable, "-m", "entrypoint", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and environment.contract_help() in done.stdout
+
+
+def test_every_method_a_recipe_can_name_has_its_trainer():
+    from recipes.methods import METHODS
+    from trainer.methods import TRAINERS
+
+    assert set(TRAINERS) == set(METHODS)

@@ -1,11 +1,12 @@
 """How each training method (recipes/methods.py names them and their data) is trained: the TRL
-config and trainer classes, with the arguments every method shares. A new method is one entry
-here, one in recipes/methods.py, and its recipes.
+config and trainer classes, the arguments every method shares and what each adds. A new method is
+one entry in TRAINERS, one in recipes/methods.py, and its recipes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,45 +62,47 @@ def trains_whole_modules(recipe: Recipe) -> bool:
     return recipe.lora is not None and bool({"embed_tokens", "lm_head"} & set(recipe.lora.target_modules))
 
 
-def supervised(recipe: Recipe, model, tokenizer, dataset, eval_dataset, shared: dict[str, Any], callbacks: list):
-    """sft and cpt: TRL's SFTTrainer on the shaped rows (recipes' data formats -> trainer/data.py)."""
-    from trl import SFTConfig, SFTTrainer
+@dataclass(frozen=True)
+class Trainer:
+    """A method's TRL classes, and what its config adds to the shared arguments."""
 
-    args = SFTConfig(
-        **shared,
+    config: str  # a trl config class
+    trainer: str  # the trl trainer class that takes it
+    options: Callable[[Recipe], dict[str, Any]]
+
+
+def supervised_options(recipe: Recipe) -> dict[str, Any]:
+    """sft and cpt: the shaped rows (recipes' data formats -> trainer/data.py)."""
+    return dict(
         packing=recipe.training.packing,
         dataset_text_field="text",
         completion_only_loss=recipe.data.train_on_responses_only or None,
     )
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
 
 
-def preference(recipe: Recipe, model, tokenizer, dataset, eval_dataset, shared: dict[str, Any], callbacks: list):
-    """dpo: TRL's DPOTrainer; its reference model is the adapter-free base (PEFT disables the adapter)."""
-    from trl import DPOConfig, DPOTrainer
-
+def preference_options(recipe: Recipe) -> dict[str, Any]:
+    """dpo: its reference model is the adapter-free base (PEFT disables the adapter)."""
     assert recipe.training.dpo is not None  # the schema fills the method's own section
-    args = DPOConfig(**shared, beta=recipe.training.dpo.beta)
-    return DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    return dict(beta=recipe.training.dpo.beta)
 
 
-TRAINERS: dict[str, Callable[..., Any]] = {"sft": supervised, "cpt": supervised, "dpo": preference}
+TRAINERS: dict[str, Trainer] = {
+    "sft": Trainer("SFTConfig", "SFTTrainer", supervised_options),
+    "cpt": Trainer("SFTConfig", "SFTTrainer", supervised_options),
+    "dpo": Trainer("DPOConfig", "DPOTrainer", preference_options),
+}
 
 
 def make_trainer(recipe: Recipe, model, tokenizer, dataset, eval_dataset, out: Path, precision: str, callbacks: list):
-    build = TRAINERS[recipe.training.method]
-    return build(recipe, model, tokenizer, dataset, eval_dataset, shared_arguments(recipe, out, precision), callbacks)
+    import trl
+
+    method = TRAINERS[recipe.training.method]
+    args = getattr(trl, method.config)(**shared_arguments(recipe, out, precision), **method.options(recipe))
+    return getattr(trl, method.trainer)(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
