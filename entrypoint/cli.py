@@ -140,6 +140,8 @@ def print_plan(plan: Plan) -> None:
     where = f"GPUs {','.join(plan.gpu_ids)}" if plan.gpu_ids else "CPU"
     print(f"processes   {plan.num_processes} on {where}; device_map {json.dumps(plan.device_map)}")
     print(f"precision   {plan.mixed_precision}")
+    if plan.generation is not None:
+        print(f"generation  {plan.generation} (training.grpo.generation)")
     mem = plan.memory
     if mem.get("params_b") is not None:
         print(

@@ -6,12 +6,14 @@ read here, then handed to the pure planner (entrypoint/plan.py) as data.
 | the model's config.json       | a local folder, the Hugging Face cache, or one GET to the hub |
 | llama.cpp (for GGUF exports)  | $UNSLOTH_LLAMA_CPP_PATH or ~/.unsloth/llama.cpp               |
 | memory available (merging)    | /proc/meminfo                                                |
+| vLLM (GRPO's generation)      | whether the package is installed (not imported)              |
 | the working directory, Python | the process                                                  |
 The variables of the environment contract are read by entrypoint/environment.py (a Request).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ class Host:
     llama_cpp_folder: Path = Path("~/.unsloth/llama.cpp")
     llama_cpp_parts: frozenset[str] = frozenset()  # "converter", "quantizer" (recipes/exports.py)
     ram_available_gib: float | None = None  # None: unknown
+    vllm_installed: bool = False  # GRPO generates with vLLM where it is (found, not imported)
     note: str | None = None  # something the user should know (the hub was not reachable, ...)
 
 
@@ -67,6 +70,7 @@ def gather(
         llama_cpp_folder=folder,
         llama_cpp_parts=exports.llama_cpp_parts(folder),
         ram_available_gib=ram_available_gib(),
+        vllm_installed=importlib.util.find_spec("vllm") is not None,
         note=note,
     )
 

@@ -41,6 +41,7 @@ ACTIVATION_BYTES_PER_TOKEN_1B = 100_000
 LINEAR_BYTES = {"4bit": 0.53, "8bit": 1.03, "16bit": 2.0}
 # Activations per token per unit of hidden size, with Unsloth's offloaded checkpointing.
 ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN = 56
+KV_BYTES = 2  # a 16-bit key or value element of the generation cache (GRPO)
 CUDA_OVERHEAD_GIB = 1.0  # context, cuBLAS workspace, allocator slack
 USABLE_FRACTION = 0.92  # never plan to fill a GPU to the last byte
 # Unsloth's native FSDP2 keeps the frozen weights replicated and shards only the trainable state
@@ -186,6 +187,9 @@ def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
         trainable = shape.lora_params(recipe.lora.r, recipe.lora.target_modules) * TRAINABLE_BYTES
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * shape.hidden * ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN
+    if getattr(training, "grpo", None) is not None:
+        # GRPO generates each step's completions first: a 16-bit KV cache for every sequence of the batch.
+        activations += tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * KV_BYTES
     return _estimate(params / 1e9, weights, trainable, activations, source, shape.layers)
 
 

@@ -23,7 +23,10 @@ from entrypoint.gpus import Gpu
 from entrypoint.host import Host
 from recipes import catalog, exports, modes
 from recipes.catalog import LoadedRecipe, to_yaml
+from recipes.errors import BadInput
+from recipes.methods import METHODS
 from recipes.modes import SPECS, Mode
+from recipes.schema import Recipe
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_MODULE = "trainer"  # python -m trainer: the per-process training program
@@ -54,6 +57,7 @@ class Plan:
     disk_gib: float = 0.1  # free space the outputs need, checked before anything starts
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # path -> text, written by the act step
+    generation: str | None = None  # grpo: what generates the completions (vllm, transformers)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -134,6 +138,8 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     decision = decide(request, loaded, host.gpus, est)
     mode, chosen, processes = decision.mode, decision.gpus, decision.processes
     modes.refuse_fsdp_switch(mode, request.fsdp_switch)
+    refuse_method_in_mode(recipe, mode)
+    recipe, generation = resolve_generation(recipe, bool(chosen), host.vllm_installed)
     one_gpu = chosen[0].memory_gib if chosen else None
     per_gpu = memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu)
     precision = mixed_precision(recipe.model.dtype, chosen)
@@ -176,9 +182,35 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
         disk_gib=disk_needed_gib(est, loaded),
         warnings=memory_warnings(est, mode, chosen, per_gpu),
         files=files,
+        generation=generation,
     )
     files[str(launch_dir / "plan.json")] = json.dumps(plan.as_json(), indent=2) + "\n"
     return plan
+
+
+def refuse_method_in_mode(recipe: Recipe, mode: Mode) -> None:
+    method = METHODS[recipe.training.method]
+    if mode in method.refused_modes:
+        raise BadInput(
+            f"training.method {method.name} cannot train under PARALLELISM={mode}: {method.why_refused}; use "
+            f"PARALLELISM=ddp (one whole model per GPU), or model for a model too big for one GPU"
+        )
+
+
+def resolve_generation(recipe: Recipe, gpu: bool, vllm: bool) -> tuple[Recipe, str | None]:
+    """grpo's generation backend, decided here and written into the launched recipe: vLLM (Unsloth's
+    fast_inference) on GPUs where it is installed, else transformers' generate."""
+    grpo = getattr(recipe.training, "grpo", None)
+    if grpo is None:
+        return recipe, None
+    if grpo.generation == "vllm" and not (gpu and vllm):
+        raise BadInput(
+            f"training.grpo.generation=vllm, but vLLM {'is not installed here' if not vllm else 'needs a GPU'}; "
+            f"set training.grpo.generation=auto (vLLM where it can run, else transformers) or transformers"
+        )
+    chosen = grpo.generation if grpo.generation != "auto" else ("vllm" if gpu and vllm else "transformers")
+    training = recipe.training.model_copy(update={"grpo": grpo.model_copy(update={"generation": chosen})})
+    return recipe.model_copy(update={"training": training}), chosen
 
 
 def memory_warnings(est: memory.Estimate, mode: Mode, chosen: list[Gpu], per_gpu: float | None) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from recipes import formats
+from recipes import formats, rewards
 from recipes.errors import BadInput, closest, format_validation_error
 from recipes.methods import METHODS, MOVED_KEYS
 from recipes.schema import SAFE_NAME, Recipe
@@ -217,7 +217,14 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Load
     )
     for field, value in (("data.source", source), ("data.eval_split", eval_split)):
         if value is not None and Path(value).exists():
-            formats.check_local_file(Path(value), recipe.data.format, field=field)
+            formats.check_local_file(Path(value), recipe.data.format, field=field, columns=recipe.data.columns)
+    grpo = getattr(recipe.training, "grpo", None)
+    if grpo is not None:
+        reward_file = grpo.reward_file and _absolute_if_local(grpo.reward_file, base)
+        rewards.check(grpo.rewards, reward_file)
+        if reward_file != grpo.reward_file:
+            grpo = grpo.model_copy(update={"reward_file": reward_file})
+            recipe = recipe.model_copy(update={"training": recipe.training.model_copy(update={"grpo": grpo})})
     return LoadedRecipe(recipe=recipe, path=path, overrides=tuple(overrides))
 
 

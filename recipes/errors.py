@@ -52,7 +52,9 @@ def format_validation_error(error: ValidationError, source: str, known_keys: dic
             lines.append(f"{field} is required but missing")
         else:
             message = err["msg"].removeprefix("Value error, ")
-            if err["loc"]:
+            if err["loc"] and isinstance(err.get("input"), dict):  # a section's own rule: its message names fields
+                lines.append(f"{field}: {message}")
+            elif err["loc"]:
                 lines.append(f"{field} = {err.get('input')!r}: {message}")
             else:  # a cross-field rule: its message already names the fields
                 lines.append(message)

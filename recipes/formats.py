@@ -23,6 +23,7 @@ REQUIRED: dict[str, tuple[tuple[str, ...], str]] = {
     "text": (("text",), '{"text": "..."}'),
     "instruction": (("instruction", "output"), '{"instruction": "...", "input": "", "output": "..."}'),
     "preference": (("prompt", "chosen", "rejected"), '{"prompt": "...", "chosen": "...", "rejected": "..."}'),
+    "prompt": (("prompt",), '{"prompt": "...", "answer": "..."} (answer optional: for rewards that check it)'),
     "messages": ((), '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'),
 }
 
@@ -46,6 +47,8 @@ def row_problem(row: Any, fmt: str) -> str | None:
             return f"field {field!r} is {type(row[field]).__name__}, not text"
     if fmt == "instruction" and not isinstance(row.get("input", ""), str | None):
         return "field 'input' is not text"
+    if fmt == "prompt" and not isinstance(row.get("answer", ""), str | int | float | None):
+        return "field 'answer' is not text or a number"
     if fmt == "messages":
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -117,12 +120,19 @@ def data_files(path: Path) -> list[Path]:
     return [path]
 
 
-def check_local_file(path: Path, fmt: str, field: str = "data.source") -> int:
+def renamed(row: Any, columns: dict[str, str]) -> Any:
+    """The row with its columns renamed as data.columns says (source name -> format field)."""
+    if not columns or not isinstance(row, dict):
+        return row
+    return {columns.get(key, key): value for key, value in row.items()}
+
+
+def check_local_file(path: Path, fmt: str, field: str = "data.source", columns: dict[str, str] | None = None) -> int:
     """Check the first rows of a local file or folder; return how many rows were checked."""
     checked = 0
     for file in data_files(path):
         for number, row in _rows(file, ROWS_CHECKED_BY_LAUNCHER):
-            check_row(row, fmt, f"{field} {file} row {number}")
+            check_row(renamed(row, columns or {}), fmt, f"{field} {file} row {number}")
             checked += 1
     if checked == 0:
         raise BadInput(f"{field} {str(path)!r} holds no rows; add training examples")

@@ -117,6 +117,7 @@ class DataConfig(Strict):
         min_length=1,
         description="local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset id",
     )
+    subset: str | None = Field(default=None, description="the hub dataset's configuration, e.g. main for openai/gsm8k")
     split: str = "train"
     format: DataFormat = "messages"
     chat_template: str | None = Field(
@@ -124,6 +125,12 @@ class DataConfig(Strict):
     )
     train_on_responses_only: bool = False
     max_samples: PositiveInt | None = None
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="rename the source's columns to the format's fields, e.g. {question: prompt}"
+    )
+    system_prompt: str | None = Field(
+        default=None, description="format prompt: a system message before every prompt (e.g. the answer format)"
+    )
     eval_fraction: Annotated[float, Field(gt=0, le=0.5)] | None = Field(
         default=None, description="hold out this share of the rows (seeded) to evaluate on"
     )
@@ -187,6 +194,12 @@ class _Training(Strict):
                     f"{self.method}; remove training.{name} or set training.method={name}"
                 )
             if given is None and name == self.method:
+                required = [k for k, f in method.options.model_fields.items() if f.is_required()]
+                if required:
+                    raise ValueError(
+                        f"training.method {name} needs its section training.{name} with {', '.join(required)}; "
+                        f"e.g. the override training.{name}.{required[0]}=... (see recipes/methods.py)"
+                    )
                 object.__setattr__(self, name, method.options())  # validated defaults; no re-validation loop
         return self
 
@@ -251,6 +264,26 @@ class Recipe(Strict):
                 f"training.method {method.name} needs data.format {' or '.join(method.formats)}, not {fmt}"
                 + (f"; data.format {fmt} is for training.method {' or '.join(takers)}" if takers else "")
             )
+        grpo = getattr(self.training, "grpo", None)
+        if grpo is not None:
+            per_step = self.training.per_device_batch_size * self.training.gradient_accumulation_steps
+            if per_step % grpo.num_generations:
+                raise ValueError(
+                    f"training.per_device_batch_size x gradient_accumulation_steps = {per_step} completions per step "
+                    f"on each process, which must be whole groups of training.grpo.num_generations = "
+                    f"{grpo.num_generations}; make one a multiple of the other"
+                )
+            if self.data.evaluates and self.training.per_device_batch_size % grpo.num_generations:
+                raise ValueError(
+                    f"evaluating GRPO generates whole groups on each process: training.per_device_batch_size "
+                    f"({self.training.per_device_batch_size}) must be a multiple of training.grpo.num_generations "
+                    f"({grpo.num_generations}), or drop data.eval_fraction / data.eval_split"
+                )
+            if grpo.max_completion_length >= self.model.max_seq_length:
+                raise ValueError(
+                    f"training.grpo.max_completion_length ({grpo.max_completion_length}) leaves no room for the prompt "
+                    f"in model.max_seq_length ({self.model.max_seq_length}); raise the one or lower the other"
+                )
         if self.training.eval_steps and not self.data.evaluates:
             raise ValueError(
                 f"training.eval_steps={self.training.eval_steps} but there is nothing to evaluate on; set "

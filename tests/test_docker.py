@@ -27,6 +27,7 @@ import re
 import shlex
 import subprocess
 import time
+import tomllib
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -177,9 +178,11 @@ def mkdir_outputs(cwd: Path) -> Path:
 
 
 def app_sources() -> list[str]:
-    """The files of entrypoint/ and recipes/ in this checkout, less what git ignores."""
+    """The files of the project's packages (pyproject.toml's: entrypoint/, recipes/, trainer/) in
+    this checkout, less what git ignores."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "entrypoint", "recipes"],
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", *packages],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -235,7 +238,7 @@ def test_the_build_context_is_only_what_the_dockerfile_copies(image):
         docker("rmi", "-f", tag)
     ours = app_sources()
     sent = sorted(path.removeprefix("/context/") for path in listing)
-    assert sent == sorted([*ours, "requirements/image.lock"])
+    assert sent == sorted([*ours, "requirements/image.lock", "requirements/llama_cpp.py"])
 
 
 def test_a_c_compiler_and_python_h_build_tritons_cuda_launcher(image):

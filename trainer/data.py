@@ -6,6 +6,7 @@
                  {"prompt", "completion"}         ... with train_on_responses_only: loss on the last reply
   instruction -> {"prompt", "completion"}         alpaca rows as a user turn and its answer
   preference  -> {"prompt", "chosen", "rejected"} pairs for preference optimisation
+  prompt      -> {"prompt", "answer"}             a conversation to complete, scored by rewards (grpo)
 Every row is checked with formats.check_row, so a bad row is named before training starts.
 """
 
@@ -19,7 +20,13 @@ from recipes import formats
 from recipes.schema import DataConfig
 
 
-def load_rows(source: str, split: str, max_samples: int | None = None):
+def load_rows(
+    source: str,
+    split: str,
+    max_samples: int | None = None,
+    columns: dict[str, str] | None = None,
+    subset: str | None = None,
+):
     """-> a datasets.Dataset of the raw rows (a local file or folder, or a split of a hub dataset)."""
     import datasets
 
@@ -28,9 +35,11 @@ def load_rows(source: str, split: str, max_samples: int | None = None):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[Path(files[0]).suffix.lower()]
         dataset = datasets.load_dataset(kind, data_files=files, split="train")
     else:
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(source, subset, split=split)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
+    if columns:
+        dataset = dataset.rename_columns({k: v for k, v in columns.items() if k in dataset.column_names})
     return dataset
 
 
@@ -62,11 +71,22 @@ def _messages(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
     return {"prompt": messages[:last], "completion": [messages[last]]}
 
 
+def _prompt(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
+    """A conversation to complete (after data.system_prompt), and the answer rewards may check."""
+    system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
+    answer = row.get("answer")
+    return {
+        "prompt": [*system, {"role": "user", "content": row["prompt"]}],
+        "answer": "" if answer is None else str(answer),
+    }
+
+
 SHAPERS: dict[str, Callable[[dict[str, Any], DataConfig], dict[str, Any]]] = {
     "text": _text,
     "preference": _preference,
     "instruction": _instruction,
     "messages": _messages,
+    "prompt": _prompt,
 }
 
 
@@ -84,13 +104,16 @@ def build(data: DataConfig, seed: int):
     """-> (training rows, evaluation rows or None), every row checked and shaped for the trainer
     (see the table above). The evaluation rows are data.eval_split, or a seeded data.eval_fraction
     of the training rows, which are then left out of training."""
-    raw = load_rows(data.source, data.split, data.max_samples)
+    raw = load_rows(data.source, data.split, data.max_samples, data.columns, data.subset)
     train = _checked_and_shaped(raw, data, "data.source", data.source)
     if data.eval_fraction is not None:
         halves = train.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
         return halves["train"], halves["test"]
     if data.eval_split is not None:
-        held_out = load_rows(data.eval_split if Path(data.eval_split).exists() else data.source, data.eval_split)
+        local = Path(data.eval_split).exists()
+        held_out = load_rows(
+            data.eval_split if local else data.source, data.eval_split, columns=data.columns, subset=data.subset
+        )
         return train, _checked_and_shaped(held_out, data, "data.eval_split", data.eval_split)
     return train, None
 

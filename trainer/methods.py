@@ -37,7 +37,6 @@ def shared_arguments(recipe: Recipe, out: Path, precision: str) -> dict[str, Any
         save_steps=o.save_steps or 500,
         save_total_limit=o.keep_checkpoints,
         dataloader_num_workers=0,
-        max_length=recipe.model.max_seq_length,
         ddp_timeout=t.collective_timeout_s,
         ddp_find_unused_parameters=False if trains_whole_modules(recipe) else None,
         # Evaluation (when the recipe holds rows out): the loss only, first inside the training loop
@@ -62,18 +61,25 @@ def trains_whole_modules(recipe: Recipe) -> bool:
     return recipe.lora is not None and bool({"embed_tokens", "lm_head"} & set(recipe.lora.target_modules))
 
 
+def no_arguments(recipe: Recipe) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Trainer:
-    """A method's TRL classes, and what its config adds to the shared arguments."""
+    """A method's TRL classes, what its config adds to the shared arguments, and what its trainer
+    takes besides the model, data and tokenizer."""
 
     config: str  # a trl config class
     trainer: str  # the trl trainer class that takes it
     options: Callable[[Recipe], dict[str, Any]]
+    trainer_arguments: Callable[[Recipe], dict[str, Any]] = no_arguments
 
 
 def supervised_options(recipe: Recipe) -> dict[str, Any]:
     """sft and cpt: the shaped rows (recipes' data formats -> trainer/data.py)."""
     return dict(
+        max_length=recipe.model.max_seq_length,
         packing=recipe.training.packing,
         dataset_text_field="text",
         completion_only_loss=recipe.data.train_on_responses_only or None,
@@ -83,13 +89,37 @@ def supervised_options(recipe: Recipe) -> dict[str, Any]:
 def preference_options(recipe: Recipe) -> dict[str, Any]:
     """dpo: its reference model is the adapter-free base (PEFT disables the adapter)."""
     assert recipe.training.dpo is not None  # the schema fills the method's own section
-    return dict(beta=recipe.training.dpo.beta)
+    return dict(max_length=recipe.model.max_seq_length, beta=recipe.training.dpo.beta)
+
+
+def generation_options(recipe: Recipe) -> dict[str, Any]:
+    """grpo: num_generations completions of each prompt, sampled; vLLM when the launcher chose it
+    (training.grpo.generation, resolved from auto in the launched recipe)."""
+    grpo = recipe.training.grpo
+    assert grpo is not None  # the schema requires the method's own section
+    return dict(
+        num_generations=grpo.num_generations,
+        max_completion_length=grpo.max_completion_length,
+        temperature=grpo.temperature,
+        beta=grpo.beta,
+        use_vllm=grpo.generation == "vllm",
+    )
+
+
+def reward_functions(recipe: Recipe) -> dict[str, Any]:
+    """grpo: the bundled rewards and those of the recipe's reward file (recipes/rewards.py)."""
+    from recipes import rewards
+
+    grpo = recipe.training.grpo
+    assert grpo is not None
+    return dict(reward_funcs=rewards.load(grpo.rewards, grpo.reward_file))
 
 
 TRAINERS: dict[str, Trainer] = {
     "sft": Trainer("SFTConfig", "SFTTrainer", supervised_options),
     "cpt": Trainer("SFTConfig", "SFTTrainer", supervised_options),
     "dpo": Trainer("DPOConfig", "DPOTrainer", preference_options),
+    "grpo": Trainer("GRPOConfig", "GRPOTrainer", generation_options, reward_functions),
 }
 
 
@@ -100,6 +130,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, dataset, eval_dataset, out: P
     args = getattr(trl, method.config)(**shared_arguments(recipe, out, precision), **method.options(recipe))
     return getattr(trl, method.trainer)(
         model=model,
+        **method.trainer_arguments(recipe),
         args=args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,

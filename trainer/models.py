@@ -14,6 +14,7 @@ from recipes.errors import BadInput, closest
 from recipes.schema import Recipe
 
 LOADERS = {"text": "FastLanguageModel"}  # unsloth's class for each kind of model
+CHAT_FORMATS = ("messages", "instruction", "prompt")  # rendered with a chat template
 
 
 def resolve_model(recipe: Recipe, texts: list[str], out: Path) -> str:
@@ -30,7 +31,7 @@ def resolve_model(recipe: Recipe, texts: list[str], out: Path) -> str:
 
 def check_chat_template(recipe: Recipe, model_name: str) -> None:
     """Conversations need a chat template: a known Unsloth name, or the tokenizer's own."""
-    if recipe.data.format not in ("messages", "instruction"):
+    if recipe.data.format not in CHAT_FORMATS:
         return
     name = recipe.data.chat_template
     if name is not None:
@@ -59,6 +60,9 @@ def load(recipe: Recipe, model_name: str, device_map):
 
     loader = getattr(unsloth, LOADERS["text"])
     m, t = recipe.model, recipe.training
+    grpo = getattr(t, "grpo", None)
+    # vLLM generates GRPO's completions when the launcher chose it (Unsloth's fast_inference).
+    fast = {"fast_inference": True} if grpo is not None and grpo.generation == "vllm" else {}
     model, tokenizer = loader.from_pretrained(
         model_name=model_name,
         max_seq_length=m.max_seq_length,
@@ -69,6 +73,7 @@ def load(recipe: Recipe, model_name: str, device_map):
         device_map=device_map,
         trust_remote_code=m.trust_remote_code,
         use_gradient_checkpointing=t.gradient_checkpointing,
+        **fast,
     )
     if recipe.data.chat_template is not None:
         from unsloth.chat_templates import get_chat_template

@@ -163,7 +163,8 @@ def save_and_measure(job: Job, trainer, tokenizer, record) -> dict[str, Any]:
     measured = {
         "trainable_elements_per_rank": record.held,
         "peak_memory_gib": gather_object([progress.peak_memory_gib()]),
-        "tokens": sum(gather_object([record.counter.tokens])),
+        # Counted in the collator; GRPO's batches are raw prompts, so there TRL's own count serves.
+        "tokens": sum(gather_object([record.counter.tokens])) or record.logged_tokens,
         "saved": str(job.out / ("model" if full else "adapter")),
     }
     # Under fsdp every rank enters while the shards are gathered to rank 0 (for an adapter, only
@@ -199,7 +200,7 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
         "world_size": job.world_size,
         "device": "cuda" if cuda else "cpu",
         "steps": trainer.state.global_step,
-        **{k: steady[k] for k in ("first_loss", "final_loss", "losses", "eval_loss", "eval_losses")},
+        **{k: steady[k] for k in ("first_loss", "final_loss", "losses", "eval_loss", "eval_losses", "rewards")},
         "train_runtime_s": round(runtime, 3),
         "tokens": measured["tokens"],
         "tokens_per_second": round(measured["tokens"] / runtime, 1) if runtime else None,

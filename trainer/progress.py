@@ -41,7 +41,10 @@ class CountingCollator:
 
     def __call__(self, features):
         batch = self.collator(features)
-        self.tokens += sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and hasattr(v, "numel"))
+        if isinstance(batch, dict):  # GRPO's batches are the raw rows: its trainer tokenizes as it generates
+            self.tokens += sum(
+                int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and hasattr(v, "numel")
+            )
         return batch
 
 
@@ -63,6 +66,8 @@ def make_recorder(world_size: int = 1):
         def __init__(self) -> None:
             self.losses: list[tuple[int, float]] = []
             self.eval_losses: list[tuple[int, float]] = []
+            self.rewards: list[tuple[int, float]] = []
+            self.logged_tokens = 0
             self.first_step_at: float | None = None
             self.step_ends: list[tuple[float, int]] = []
             self.counter: CountingCollator | None = None
@@ -81,6 +86,10 @@ def make_recorder(world_size: int = 1):
                 self.losses.append((state.global_step, float(logs["loss"])))
             if logs and "eval_loss" in logs:
                 self.eval_losses.append((state.global_step, float(logs["eval_loss"])))
+            if logs and "reward" in logs:  # grpo: the mean reward of the step's completions
+                self.rewards.append((state.global_step, float(logs["reward"])))
+            if logs and "num_tokens" in logs:  # TRL's own count over every process (prompts and completions)
+                self.logged_tokens = int(float(logs["num_tokens"]))
 
         def summary(self, started_at: float) -> dict[str, Any]:
             """Steady throughput over the steps after WARMUP_STEPS (all steps if there are few)."""
@@ -105,6 +114,7 @@ def make_recorder(world_size: int = 1):
                 "losses": self.losses,
                 "eval_loss": self.eval_losses[-1][1] if self.eval_losses else None,
                 "eval_losses": self.eval_losses,
+                "rewards": self.rewards,
             }
 
     return Recorder()
