@@ -51,8 +51,8 @@ def refuse_untrained(run: Run) -> None:
         )
 
 
-def parameters(run: Run, host: Host) -> int | None:
-    """The base model's parameter count, from the config.json host.py found for it."""
+def parameters(host: Host) -> int | None:
+    """The run's base model's parameter count, from the config.json host.py found for it."""
     shape = memory.Shape.from_config(host.model_config) if host.model_config else None
     return shape.parameters() if shape else None
 
@@ -67,7 +67,7 @@ def export_plan(request: Request, run: Run, targets: list[tuple[str, tuple[str, 
         )
     quants = [q for kind, qs in targets if kind == "gguf" for q in qs]
     exports.refuse_missing_llama_cpp(quants, host.llama_cpp_folder, host.llama_cpp_parts, "export --to gguf asks for")
-    params = parameters(run, host)
+    params = parameters(host)
     merging = not run.recipe.model.full_finetuning and bool(set(kinds) & {"merged_16bit", "gguf"})
     if params is not None and merging and host.ram_available_gib is not None:
         needed = round(params * 2 * MERGE_MEMORY_FACTOR / memory.GIB, 1)

@@ -137,11 +137,11 @@ def train(job: Job, trainer, record, stopper, evaluating: bool):
     """Train; with evaluation rows the trainer evaluates first (eval_on_start: the baseline, or
     where a resumed run starts) and every eval_steps; here, last (unless the last step just did).
     Every rank calls evaluate: under ddp each evaluates its share."""
+    from accelerate.utils import gather_object
+
     if job.resume and trainer.accelerator.is_main_process:
         print(f"resuming from {job.resume} (output.resume=false starts fresh)", flush=True)
     result = trainer.train(resume_from_checkpoint=job.resume)
-    from accelerate.utils import gather_object
-
     # What each rank holds while it trains (all of it under ddp, its shard under fsdp), taken
     # before the last evaluation, which leaves fsdp's parameters gathered on every rank.
     record.held = gather_object([save.local_elements(trainer.model)])
