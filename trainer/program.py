@@ -142,8 +142,7 @@ def train(job: Job, trainer, record, stopper, evaluating: bool):
     if job.resume and trainer.accelerator.is_main_process:
         print(f"resuming from {job.resume} (output.resume=false starts fresh)", flush=True)
     result = trainer.train(resume_from_checkpoint=job.resume)
-    # What each rank holds while it trains (all of it under ddp, its shard under fsdp), taken
-    # before the last evaluation, which leaves fsdp's parameters gathered on every rank.
+    # What each rank holds while it trains: all of it under ddp, its shard under fsdp.
     record.held = gather_object([save.local_elements(trainer.model)])
     stopped = stopper.stopped_at is not None
     last = trainer.state.global_step

@@ -17,7 +17,17 @@ from recipes import atomic
 
 
 def local_elements(model) -> int:
-    """Trainable elements this process holds: all of them under ddp, its shard under fsdp."""
+    """Trainable elements this process holds: all of them under ddp, its shard under fsdp.
+
+    Under fsdp the modules are sharded again first: FSDP2 keeps the root module's parameters
+    gathered after a forward pass, so an evaluation at the last step would otherwise be counted
+    as holding the root's whole weights.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()  # a no-op where the module is already sharded
     total = 0
     for param in model.parameters():
         if param.requires_grad:
