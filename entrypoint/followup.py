@@ -51,6 +51,15 @@ def refuse_untrained(run: Run) -> None:
         )
 
 
+def refuse_vision(run: Run, what: str) -> None:
+    """Merging, GGUF and generate load a text model; a vision run has only its adapter for now."""
+    if run.recipe.data.format == "vision":
+        raise BadInput(
+            f"{what} of run {run.recipe.name}: it trained a vision model, whose merged, GGUF and generate paths "
+            f"are not built yet; its adapter is in {run.folder / 'adapter'} (load it with Unsloth's FastVisionModel)"
+        )
+
+
 def parameters(host: Host) -> int | None:
     """The run's base model's parameter count, from the config.json host.py found for it."""
     shape = memory.Shape.from_config(host.model_config) if host.model_config else None
@@ -60,6 +69,8 @@ def parameters(host: Host) -> int | None:
 def export_plan(request: Request, run: Run, targets: list[tuple[str, tuple[str, ...]]], host: Host) -> Plan:
     refuse_untrained(run)
     kinds = [kind for kind, _ in targets]
+    if set(kinds) - {"adapter"}:
+        refuse_vision(run, f"export --to {' '.join(k for k in kinds if k != 'adapter')}")
     if run.recipe.model.full_finetuning and set(kinds) & {"adapter", "merged_16bit"}:
         raise BadInput(
             f"run {run.recipe.name} fine-tuned every weight: model/ is already the whole 16-bit model, with no "
@@ -95,6 +106,7 @@ def disk_gib(params: int | None, targets: list[tuple[str, tuple[str, ...]]], mer
 
 
 def generate_plan(request: Request, run: Run, host: Host, options: list[str]) -> Plan:
+    refuse_vision(run, "generate")
     merged = run.folder / ("model" if run.recipe.model.full_finetuning else "merged_16bit")
     if not (merged / "config.json").is_file():
         refuse_untrained(run)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from recipes.modes import SPECS, Mode
-from recipes.schema import RandomInit, Recipe
+from recipes.schema import TINY_VISION_TOWER, VISION_ARCHITECTURES, RandomInit, Recipe
 
 GIB = 1024**3
 
@@ -101,9 +101,11 @@ class Shape:
     head_dim: int
     tied: bool
     experts: int = 1
+    vision: tuple[int, int, int] | None = None  # an image-text model's tower: hidden, intermediate, layers
 
     @classmethod
     def from_config(cls, config: Mapping) -> Shape | None:
+        tower = vision_tower(config)
         config = config.get("text_config", config)  # multimodal wrappers keep the decoder inside
         try:
             hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
@@ -117,6 +119,7 @@ class Shape:
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 tied=bool(config.get("tie_word_embeddings", False)),
                 experts=int(config.get("num_local_experts") or config.get("num_experts") or 1),
+                vision=tower,
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -132,10 +135,13 @@ class Shape:
             kv_heads=spec.kv_heads,
             head_dim=spec.hidden_size // spec.num_attention_heads,
             tied=False,  # random_model builds untied heads
+            vision=vision_tower({"vision_config": TINY_VISION_TOWER})
+            if spec.architecture in VISION_ARCHITECTURES
+            else None,
         )
 
     def parameters(self) -> int:
-        """Embeddings and linear layers (norms are a rounding error)."""
+        """Embeddings and linear layers, the vision tower's included (norms are a rounding error)."""
         return self.embedding_params() + self.linear_params()
 
     def linears(self) -> dict[str, tuple[int, int, int]]:
@@ -156,13 +162,41 @@ class Shape:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
     def linear_params(self) -> int:
-        return self.layers * sum(i * o * c for i, o, c in self.linears().values())
+        return self.layers * sum(i * o * c for i, o, c in self.linears().values()) + self.vision_params()
+
+    def vision_params(self) -> int:
+        """The vision tower's linear layers: attention (4 square) and an MLP (2) per block."""
+        if self.vision is None:
+            return 0
+        hidden, intermediate, layers = self.vision
+        return layers * (4 * hidden * hidden + 2 * hidden * intermediate)
+
+    def vision_lora_params(self, r: int) -> int:
+        if self.vision is None:
+            return 0
+        hidden, intermediate, layers = self.vision
+        return layers * r * (4 * 2 * hidden + 2 * (hidden + intermediate))
 
     def lora_params(self, r: int, targets: list[str]) -> int:
         per_layer = sum(r * (i + o) * c for name, (i, o, c) in self.linears().items() if name in targets)
         # embed_tokens / lm_head in the targets are trained in full (Unsloth's modules_to_save).
         full = self.vocab * self.hidden * sum(1 for name in ("embed_tokens", "lm_head") if name in targets)
         return self.layers * per_layer + full
+
+
+def vision_tower(config: Mapping) -> tuple[int, int, int] | None:
+    """(hidden, intermediate, layers) of config.json's vision_config, or None for a text model."""
+    vision = config.get("vision_config")
+    if not isinstance(vision, Mapping):
+        return None
+    try:
+        hidden = int(vision.get("hidden_size") or vision["embed_dim"])
+        ratio = vision.get("mlp_ratio") or 4
+        intermediate = int(vision.get("intermediate_size") or ratio * hidden)
+        layers = int(vision.get("num_hidden_layers") or vision.get("depth") or vision["num_layers"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return hidden, intermediate, layers
 
 
 def shape_of(recipe: Recipe, config: Mapping | None, source: str) -> tuple[Shape | None, str]:
@@ -185,6 +219,9 @@ def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
         assert recipe.lora is not None
         weights = embeddings * WEIGHT_BYTES["16bit"] + linears * LINEAR_BYTES[model.load_in]
         trainable = shape.lora_params(recipe.lora.r, recipe.lora.target_modules) * TRAINABLE_BYTES
+        if recipe.lora.finetune_vision_layers:
+            trainable += shape.vision_lora_params(recipe.lora.r) * TRAINABLE_BYTES
+    # Image tokens sit in the sequence beside the text, so max_seq_length bounds both.
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * shape.hidden * ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN
     if getattr(training, "grpo", None) is not None:

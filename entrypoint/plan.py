@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     mode, chosen, processes = decision.mode, decision.gpus, decision.processes
     modes.refuse_fsdp_switch(mode, request.fsdp_switch)
     refuse_method_in_mode(recipe, mode)
+    refuse_images_for_a_text_model(recipe, host.model_config, host.model_config_source)
     recipe, generation = resolve_generation(recipe, bool(chosen), host.vllm_installed)
     one_gpu = chosen[0].memory_gib if chosen else None
     per_gpu = memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu)
@@ -189,11 +191,29 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
 
 
 def refuse_method_in_mode(recipe: Recipe, mode: Mode) -> None:
+    if recipe.data.format == "vision" and mode == "fsdp":
+        raise BadInput(
+            "data.format vision cannot train under PARALLELISM=fsdp: Unsloth's FSDP2 shards text decoders, "
+            "and a vision model's tower is not among them; use PARALLELISM=ddp (one whole model per GPU), "
+            "or model for a model too big for one GPU"
+        )
     method = METHODS[recipe.training.method]
     if mode in method.refused_modes:
         raise BadInput(
             f"training.method {method.name} cannot train under PARALLELISM={mode}: {method.why_refused}; use "
             f"PARALLELISM=ddp (one whole model per GPU), or model for a model too big for one GPU"
+        )
+
+
+def refuse_images_for_a_text_model(recipe: Recipe, config: Mapping | None, source: str) -> None:
+    """data.format vision on a model whose config.json has no vision tower (where it was found)."""
+    if recipe.data.format != "vision" or config is None or recipe.model.random_init is not None:
+        return
+    if memory.vision_tower(config) is None:
+        raise BadInput(
+            f"data.format vision, but {recipe.model.name} is a text-only model ({source} has no vision_config); "
+            f"pick an image-text model (e.g. unsloth/Qwen2.5-VL-7B-Instruct), or train on text with "
+            f"data.format messages"
         )
 
 

@@ -25,6 +25,11 @@ REQUIRED: dict[str, tuple[tuple[str, ...], str]] = {
     "preference": (("prompt", "chosen", "rejected"), '{"prompt": "...", "chosen": "...", "rejected": "..."}'),
     "prompt": (("prompt",), '{"prompt": "...", "answer": "..."} (answer optional: for rewards that check it)'),
     "messages": ((), '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'),
+    "vision": (
+        (),
+        '{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, '
+        '{"role": "assistant", "content": "..."}], "images": ["images/1.png"]} (paths relative to data.source)',
+    ),
 }
 
 ROWS_CHECKED_BY_LAUNCHER = 1000
@@ -49,18 +54,61 @@ def row_problem(row: Any, fmt: str) -> str | None:
         return "field 'input' is not text"
     if fmt == "prompt" and not isinstance(row.get("answer", ""), str | int | float | None):
         return "field 'answer' is not text or a number"
-    if fmt == "messages":
+    if fmt in ("messages", "vision"):
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
             return "field 'messages' is missing or not a non-empty list"
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                return f"messages[{i}] has no text field 'content'"
+            if not isinstance(message, dict):
+                return f"messages[{i}] is not an object"
+            problem = _content_problem(message.get("content"), parts_allowed=fmt == "vision")
+            if problem:
+                return f"messages[{i}] {problem}"
             if message.get("role") not in ROLES:
                 return f"messages[{i}].role is {message.get('role')!r}, not one of {', '.join(ROLES)}"
         if not any(m["role"] == "assistant" for m in messages):
             return "field 'messages' has no assistant turn to learn from"
+    if fmt == "vision":
+        images = row.get("images")
+        if not isinstance(images, list) or not images or any(image is None for image in images):
+            return "field 'images' is missing or not a non-empty list of images"
+        slots = sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+        if slots and slots != len(images):
+            return f"has {slots} image parts in its messages but {len(images)} images; give one image per part"
     return None
+
+
+def _content_problem(content: Any, parts_allowed: bool) -> str | None:
+    """A message's content: text, or (vision) a list of text and image parts."""
+    if isinstance(content, str):
+        return None
+    if not parts_allowed or not isinstance(content, list):
+        return "has no text field 'content'" + (" (nor a list of parts)" if parts_allowed else "")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if (kind == "text" and isinstance(part.get("text"), str)) or kind == "image":
+            continue
+        return f'content[{j}] is not a text part {{"type": "text", "text": "..."}} or an image part {{"type": "image"}}'
+    return None
+
+
+def image_root(source: Path) -> Path:
+    """Where a local vision dataset's relative image paths start: its folder, or the file's folder."""
+    return source if source.is_dir() else source.parent
+
+
+def image_problem(row: dict[str, Any], root: Path) -> str | None:
+    """A local vision row's image paths (relative to `root`) must name files; None when they do."""
+    for i, image in enumerate(row["images"]):
+        if isinstance(image, str) and not (root / image).is_file():
+            return f"images[{i}] {image!r} is not a file (under {root})"
+    return None
+
+
+def check_images(row: dict[str, Any], root: Path, where: str) -> None:
+    problem = image_problem(row, root)
+    if problem is not None:
+        raise BadInput(f"{where} {problem}; put the image there or fix the path (relative to data.source)")
 
 
 def check_row(row: Any, fmt: str, where: str) -> None:
@@ -72,8 +120,9 @@ def check_row(row: Any, fmt: str, where: str) -> None:
         )
 
 
-def _rows(path: Path, limit: int) -> Iterator[tuple[int, Any]]:
-    """(1-based row number, row) for the first `limit` rows of a local file."""
+def rows(path: Path, limit: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(1-based row number, row) for the first `limit` rows of a local file (None: every row)."""
+    over = (lambda number: False) if limit is None else (lambda number: number > limit)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with path.open(encoding="utf-8") as handle:
@@ -82,7 +131,7 @@ def _rows(path: Path, limit: int) -> Iterator[tuple[int, Any]]:
                 if not line.strip():
                     continue
                 number += 1
-                if number > limit:
+                if over(number):
                     return
                 try:
                     yield number, json.loads(line)
@@ -95,17 +144,18 @@ def _rows(path: Path, limit: int) -> Iterator[tuple[int, Any]]:
             raise BadInput(f"{path} is not valid JSON at line {exc.lineno}: {exc.msg}; fix the file") from None
         if not isinstance(data, list):
             raise BadInput(f"{path} must hold a JSON list of rows, not {type(data).__name__}; or use .jsonl")
-        yield from enumerate(data[:limit], start=1)
+        yield from enumerate(data if limit is None else data[:limit], start=1)
     elif suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as handle:
             for number, row in enumerate(csv.DictReader(handle), start=1):
-                if number > limit:
+                if over(number):
                     return
                 yield number, row
     elif suffix == ".parquet":
         import pyarrow.parquet as pq  # installed with datasets; only parquet needs it
 
-        table = pq.read_table(path).slice(0, limit)
+        table = pq.read_table(path)
+        table = table if limit is None else table.slice(0, limit)
         yield from enumerate(table.to_pylist(), start=1)
 
 
@@ -131,8 +181,11 @@ def check_local_file(path: Path, fmt: str, field: str = "data.source", columns: 
     """Check the first rows of a local file or folder; return how many rows were checked."""
     checked = 0
     for file in data_files(path):
-        for number, row in _rows(file, ROWS_CHECKED_BY_LAUNCHER):
-            check_row(renamed(row, columns or {}), fmt, f"{field} {file} row {number}")
+        for number, row in rows(file, ROWS_CHECKED_BY_LAUNCHER):
+            row = renamed(row, columns or {})
+            check_row(row, fmt, f"{field} {file} row {number}")
+            if fmt == "vision":
+                check_images(row, image_root(path), f"{field} {file} row {number}")
             checked += 1
     if checked == 0:
         raise BadInput(f"{field} {str(path)!r} holds no rows; add training examples")

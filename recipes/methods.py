@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # data.format names and what a row of each holds (recipes/formats.py checks rows)
-DATA_FORMATS = ("messages", "instruction", "text", "preference", "prompt")
+DATA_FORMATS = ("messages", "instruction", "text", "preference", "prompt", "vision")
 
 
 class Options(BaseModel):
@@ -66,7 +66,11 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("sft", "supervised fine-tuning on chats, instructions or text", ("messages", "instruction", "text")),
+        Method(
+            "sft",
+            "supervised fine-tuning on chats, instructions or text, or on chats with images",
+            ("messages", "instruction", "text", "vision"),
+        ),
         Method("cpt", "continued pretraining on plain text", ("text",)),
         Method("dpo", "direct preference optimisation on chosen/rejected pairs", ("preference",), DpoOptions),
         Method(

@@ -42,7 +42,10 @@ class RandomInit(Strict):
     BPE trained on the recipe's own data, so nothing is fetched from a hub.
     """
 
-    architecture: Literal["llama"] = "llama"
+    architecture: Literal["llama", "gemma3-vision"] = Field(
+        default="llama",
+        description="llama: a text decoder; gemma3-vision: Gemma 3's image-text model (a tiny vision tower)",
+    )
     hidden_size: PositiveInt = 64
     intermediate_size: PositiveInt = 128
     num_hidden_layers: PositiveInt = 2
@@ -100,6 +103,12 @@ class LoraConfig(Strict):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     use_rslora: bool = False
+    # Which parts of a vision-language model train (data.format vision), as Unsloth's FastVisionModel
+    # names them; target_modules narrows them to those module names when the recipe gives it.
+    finetune_vision_layers: bool = Field(default=True, description="vision: LoRA on the vision tower")
+    finetune_language_layers: bool = Field(default=True, description="vision: LoRA on the language model")
+    finetune_attention_modules: bool = Field(default=True, description="vision: LoRA on attention")
+    finetune_mlp_modules: bool = Field(default=True, description="vision: LoRA on the MLPs")
 
     @field_validator("target_modules")
     @classmethod
@@ -151,6 +160,28 @@ class DataConfig(Strict):
     @property
     def evaluates(self) -> bool:
         return self.eval_fraction is not None or self.eval_split is not None
+
+
+VISION_PARTS = (
+    "finetune_vision_layers",
+    "finetune_language_layers",
+    "finetune_attention_modules",
+    "finetune_mlp_modules",
+)
+VISION_ARCHITECTURES = ("gemma3-vision",)  # random_init shapes that take images
+# The vision tower of a random-init gemma3-vision model (its config.json's vision_config): tiny and
+# fixed, since tests and smoke runs need only that images flow through it; 56x56 pixels in patches
+# of 14, pooled to 4 image tokens.
+TINY_VISION_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 56,
+    "patch_size": 14,
+    "vision_use_head": False,  # as in Gemma 3: its pooling head is never used, so it has none
+}
+TINY_IMAGE_TOKENS = 4
 
 
 class _Training(Strict):
@@ -289,9 +320,58 @@ class Recipe(Strict):
                 f"training.eval_steps={self.training.eval_steps} but there is nothing to evaluate on; set "
                 f"data.eval_fraction (e.g. 0.1) or data.eval_split, or training.eval_steps=0"
             )
+        self._vision_consistent()
         if self.data.train_on_responses_only and self.data.format not in ("messages", "instruction"):
             raise ValueError(
                 "data.train_on_responses_only needs conversations (format messages or "
                 f"instruction), not {self.data.format}"
             )
         return self
+
+    def _vision_consistent(self) -> None:
+        """Images need a vision-language model; the vision parts of lora mean nothing without images."""
+        vision = self.data.format == "vision"
+        spec = self.model.random_init
+        if spec is not None and vision != (spec.architecture in VISION_ARCHITECTURES):
+            raise ValueError(
+                f"data.format {self.data.format} with model.random_init.architecture {spec.architecture}: "
+                + (
+                    f"images need a vision-language model; set model.random_init.architecture={VISION_ARCHITECTURES[0]}"
+                    if vision
+                    else "a vision-language model trains on images here; set data.format=vision"
+                )
+            )
+        if vision and self.training.packing:
+            raise ValueError(
+                "training.packing joins rows into one sequence, which TRL cannot do with images; "
+                "set training.packing=false for data.format vision"
+            )
+        if vision and set(self.output.save) - {"adapter"}:
+            raise ValueError(
+                f"output.save {self.output.save}: merged and GGUF exports of a vision model are not built yet; "
+                f"set output.save=[adapter]"
+            )
+        if vision and self.data.chat_template is not None:
+            raise ValueError(
+                f"data.chat_template {self.data.chat_template!r}: a vision model renders chats with its "
+                f"processor's own template; remove data.chat_template"
+            )
+        lora = self.lora
+        if lora is None:
+            return
+        changed = [part for part in VISION_PARTS if not getattr(lora, part)]  # all true by default
+        if changed and not vision:
+            raise ValueError(
+                f"lora.{changed[0]}=false chooses the parts of a vision-language model, and data.format is "
+                f"{self.data.format}; remove it, or train on images with data.format=vision"
+            )
+        if vision and not (lora.finetune_vision_layers or lora.finetune_language_layers):
+            raise ValueError(
+                "lora.finetune_vision_layers and lora.finetune_language_layers are both false: nothing would "
+                "train; set one of them to true"
+            )
+        if vision and not (lora.finetune_attention_modules or lora.finetune_mlp_modules):
+            raise ValueError(
+                "lora.finetune_attention_modules and lora.finetune_mlp_modules are both false: nothing would "
+                "train; set one of them to true"
+            )

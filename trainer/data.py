@@ -7,6 +7,8 @@
   instruction -> {"prompt", "completion"}         alpaca rows as a user turn and its answer
   preference  -> {"prompt", "chosen", "rejected"} pairs for preference optimisation
   prompt      -> {"prompt", "answer"}             a conversation to complete, scored by rewards (grpo)
+  vision      -> {"messages", "images"}           chats whose contents are text and image parts, and the
+                                                  images (decoded by datasets; rendered by the processor)
 Every row is checked with formats.check_row, so a bad row is named before training starts.
 """
 
@@ -26,10 +28,19 @@ def load_rows(
     max_samples: int | None = None,
     columns: dict[str, str] | None = None,
     subset: str | None = None,
+    fmt: str | None = None,
 ):
-    """-> a datasets.Dataset of the raw rows (a local file or folder, or a split of a hub dataset)."""
+    """-> a datasets.Dataset of the raw rows (a local file or folder, or a split of a hub dataset);
+    a local vision dataset's rows as a list."""
     import datasets
 
+    if Path(source).exists() and fmt == "vision":
+        # Read here, not by datasets: a chat's contents may mix text and lists of parts, which
+        # Arrow cannot hold in one column; the shaped rows are uniform (see _vision).
+        rows = [
+            formats.renamed(row, columns or {}) for f in formats.data_files(Path(source)) for _, row in formats.rows(f)
+        ]
+        return rows[:max_samples] if max_samples is not None else rows
     if Path(source).exists():
         files = [str(p) for p in formats.data_files(Path(source))]
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[Path(files[0]).suffix.lower()]
@@ -81,12 +92,35 @@ def _prompt(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
     }
 
 
+def _parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A message's content as a list of parts of one shape (Arrow keeps one type per column)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [{"type": p["type"], "text": p.get("text") if p["type"] == "text" else None} for p in content]
+
+
+def _vision(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
+    """A chat with images. Without image parts the images go before the first user turn's text;
+    a local dataset's image paths become absolute (relative to data.source)."""
+    messages = [{"role": m["role"], "content": _parts(m["content"])} for m in row["messages"]]
+    images = list(row["images"])
+    if not any(part["type"] == "image" for m in messages for part in m["content"]):
+        first = next((m for m in messages if m["role"] == "user"), messages[0])
+        first["content"][:0] = [{"type": "image", "text": None} for _ in images]
+    source = Path(data.source)
+    if source.exists():
+        root = formats.image_root(source)
+        images = [str(root / image) if isinstance(image, str) else image for image in images]
+    return {"messages": messages, "images": images}
+
+
 SHAPERS: dict[str, Callable[[dict[str, Any], DataConfig], dict[str, Any]]] = {
     "text": _text,
     "preference": _preference,
     "instruction": _instruction,
     "messages": _messages,
     "prompt": _prompt,
+    "vision": _vision,
 }
 
 
@@ -95,16 +129,29 @@ def shape_row(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
 
 
 def _checked_and_shaped(raw, data: DataConfig, field: str, where: str):
+    local = Path(where).exists()
     for number, row in enumerate(raw, start=1):
         formats.check_row(row, data.format, f"{field} {where} row {number}")
-    return raw.map(lambda row: shape_row(row, data), remove_columns=raw.column_names)
+        if data.format == "vision" and local:
+            formats.check_images(row, formats.image_root(Path(where)), f"{field} {where} row {number}")
+    if data.format != "vision":
+        return raw.map(lambda row: shape_row(row, data), remove_columns=raw.column_names)
+    import datasets
+
+    if local:
+        data = data.model_copy(update={"source": where})  # image paths are relative to this file or folder
+        shaped = datasets.Dataset.from_list([shape_row(row, data) for row in raw])
+    else:
+        shaped = raw.map(lambda row: shape_row(row, data), remove_columns=raw.column_names)
+    # Paths (local data) or images (a hub dataset's) alike: decoded to PIL images when read.
+    return shaped.cast_column("images", datasets.Sequence(datasets.Image()))
 
 
 def build(data: DataConfig, seed: int):
     """-> (training rows, evaluation rows or None), every row checked and shaped for the trainer
     (see the table above). The evaluation rows are data.eval_split, or a seeded data.eval_fraction
     of the training rows, which are then left out of training."""
-    raw = load_rows(data.source, data.split, data.max_samples, data.columns, data.subset)
+    raw = load_rows(data.source, data.split, data.max_samples, data.columns, data.subset, data.format)
     train = _checked_and_shaped(raw, data, "data.source", data.source)
     if data.eval_fraction is not None:
         halves = train.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
@@ -112,7 +159,11 @@ def build(data: DataConfig, seed: int):
     if data.eval_split is not None:
         local = Path(data.eval_split).exists()
         held_out = load_rows(
-            data.eval_split if local else data.source, data.eval_split, columns=data.columns, subset=data.subset
+            data.eval_split if local else data.source,
+            data.eval_split,
+            columns=data.columns,
+            subset=data.subset,
+            fmt=data.format,
         )
         return train, _checked_and_shaped(held_out, data, "data.eval_split", data.eval_split)
     return train, None

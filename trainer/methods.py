@@ -38,7 +38,7 @@ def shared_arguments(recipe: Recipe, out: Path, precision: str) -> dict[str, Any
         save_total_limit=o.keep_checkpoints,
         dataloader_num_workers=0,
         ddp_timeout=t.collective_timeout_s,
-        ddp_find_unused_parameters=False if trains_whole_modules(recipe) else None,
+        ddp_find_unused_parameters=False if every_weight_learns_every_step(recipe) else None,
         # Evaluation (when the recipe holds rows out): the loss only, first inside the training loop
         # (once the model is prepared: evaluating before train() prepares it apart from the optimizer,
         # which broke fsdp's optimizer checkpoints), every eval_steps, and at the end (the program).
@@ -61,6 +61,14 @@ def trains_whole_modules(recipe: Recipe) -> bool:
     return recipe.lora is not None and bool({"embed_tokens", "lm_head"} & set(recipe.lora.target_modules))
 
 
+def every_weight_learns_every_step(recipe: Recipe) -> bool:
+    """No trainable weight sits out a step, so DDP need not look for unused ones (which, under
+    Unsloth's reentrant gradient checkpointing, fails the first backward): LoRA that trains whole
+    modules (below), and vision LoRA, since every row of data.format vision holds an image, so the
+    tower's adapters see one every step."""
+    return trains_whole_modules(recipe) or recipe.data.format == "vision"
+
+
 def no_arguments(recipe: Recipe) -> dict[str, Any]:
     return {}
 
@@ -77,13 +85,33 @@ class Trainer:
 
 
 def supervised_options(recipe: Recipe) -> dict[str, Any]:
-    """sft and cpt: the shaped rows (recipes' data formats -> trainer/data.py)."""
+    """sft and cpt: the shaped rows (recipes' data formats -> trainer/data.py). Chats with images
+    reach the collator as they are (images still to be processed), as Unsloth's vision guide says."""
+    if recipe.data.format == "vision":
+        return dict(
+            max_length=recipe.model.max_seq_length,
+            remove_unused_columns=False,
+            dataset_text_field="",
+            dataset_kwargs={"skip_prepare_dataset": True},
+        )
     return dict(
         max_length=recipe.model.max_seq_length,
         packing=recipe.training.packing,
         dataset_text_field="text",
         completion_only_loss=recipe.data.train_on_responses_only or None,
     )
+
+
+def vision_collator(model, processor):
+    """Renders each chat, processes its images and masks what is not text to learn: Unsloth's
+    collator on a GPU; on the CPU (where Unsloth has no vision models) TRL's, as SFTTrainer picks."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from unsloth.trainer import UnslothVisionDataCollator
+
+    return UnslothVisionDataCollator(model, processor)
 
 
 def preference_options(recipe: Recipe) -> dict[str, Any]:
@@ -128,9 +156,11 @@ def make_trainer(recipe: Recipe, model, tokenizer, dataset, eval_dataset, out: P
 
     method = TRAINERS[recipe.training.method]
     args = getattr(trl, method.config)(**shared_arguments(recipe, out, precision), **method.options(recipe))
+    collator = vision_collator(model, tokenizer) if recipe.data.format == "vision" else None
     return getattr(trl, method.trainer)(
         model=model,
         **method.trainer_arguments(recipe),
+        **({"data_collator": collator} if collator is not None else {}),
         args=args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,

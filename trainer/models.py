@@ -1,8 +1,9 @@
 """The load phase: which model (a hub id, a local folder, or a random-init shape built offline),
 its chat template, the model itself with the placement the mode needs, and LoRA on top.
 
-Unsloth's FastLanguageModel loads text models; a loader for another kind of model (vision,
-for one) is a new entry in LOADERS.
+Unsloth's FastLanguageModel loads text models, its FastVisionModel image-text models (data.format
+vision; there the "tokenizer" is the model's processor). A loader for another kind of model is a
+new entry in LOADERS.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import hashlib
 from pathlib import Path
 
 from recipes.errors import BadInput, closest
-from recipes.schema import Recipe
+from recipes.schema import DEFAULT_TARGET_MODULES, VISION_PARTS, Recipe
 
-LOADERS = {"text": "FastLanguageModel"}  # unsloth's class for each kind of model
+LOADERS = {"text": "FastLanguageModel", "vision": "FastVisionModel"}  # unsloth's class for each kind of model
 CHAT_FORMATS = ("messages", "instruction", "prompt")  # rendered with a chat template
 
 
@@ -30,7 +31,18 @@ def resolve_model(recipe: Recipe, texts: list[str], out: Path) -> str:
 
 
 def check_chat_template(recipe: Recipe, model_name: str) -> None:
-    """Conversations need a chat template: a known Unsloth name, or the tokenizer's own."""
+    """Conversations need a chat template: a known Unsloth name, or the tokenizer's own (for
+    chats with images, the processor's own)."""
+    if recipe.data.format == "vision":
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=recipe.model.trust_remote_code)
+        if not getattr(processor, "chat_template", None):
+            raise BadInput(
+                f"the processor of {recipe.model.name} has no chat template, which data.format vision needs; "
+                f"use the instruction-tuned model (its name usually ends in -Instruct or -it)"
+            )
+        return
     if recipe.data.format not in CHAT_FORMATS:
         return
     name = recipe.data.chat_template
@@ -53,12 +65,33 @@ def check_chat_template(recipe: Recipe, model_name: str) -> None:
         )
 
 
+def kind_of(recipe: Recipe) -> str:
+    return "vision" if recipe.data.format == "vision" else "text"
+
+
+def lora_targets(recipe: Recipe) -> list[str] | None:
+    """The module names LoRA adapts. A vision model's towers name their layers their own way, so
+    there the default is every linear layer of the parts lora.finetune_* choose (None)."""
+    assert recipe.lora is not None
+    targets = recipe.lora.target_modules
+    return None if kind_of(recipe) == "vision" and targets == DEFAULT_TARGET_MODULES else targets
+
+
+def vision_parts(recipe: Recipe) -> dict[str, bool]:
+    assert recipe.lora is not None
+    return {part: getattr(recipe.lora, part) for part in VISION_PARTS}
+
+
 def load(recipe: Recipe, model_name: str, device_map):
-    """(model with LoRA when the recipe has it, tokenizer with the recipe's chat template)."""
+    """(model with LoRA when the recipe has it, tokenizer with the recipe's chat template; for a
+    vision model, its processor)."""
     import torch
     import unsloth
 
-    loader = getattr(unsloth, LOADERS["text"])
+    kind = kind_of(recipe)
+    if kind == "vision" and not torch.cuda.is_available():
+        return load_vision_on_cpu(recipe, model_name)
+    loader = getattr(unsloth, LOADERS[kind])
     m, t = recipe.model, recipe.training
     grpo = getattr(t, "grpo", None)
     # vLLM generates GRPO's completions when the launcher chose it (Unsloth's fast_inference).
@@ -86,10 +119,48 @@ def load(recipe: Recipe, model_name: str, device_map):
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            target_modules=lora_targets(recipe),
             use_rslora=lora.use_rslora,
             use_gradient_checkpointing=t.gradient_checkpointing,
             random_state=t.seed,
             max_seq_length=m.max_seq_length,
+            **(vision_parts(recipe) if kind == "vision" else {}),
         )
     return model, tokenizer
+
+
+def load_vision_on_cpu(recipe: Recipe, model_name: str):
+    """(model, processor) on the CPU, where Unsloth's backend has no vision models (its
+    FastVisionModel raises there): transformers and PEFT, as that backend uses for text, with the
+    LoRA targets Unsloth's own get_peft_regex chooses on a GPU."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    m, t = recipe.model, recipe.training
+    if m.load_in != "16bit":
+        raise BadInput(
+            f"model.load_in {m.load_in}: a vision model on the CPU loads in 16 bits; "
+            f"set model.load_in=16bit, or train on a GPU"
+        )
+    dtype = torch.float32 if m.dtype == "auto" else getattr(torch, m.dtype)
+    model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=m.trust_remote_code)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.lora is None:
+        return model, processor
+    from peft import LoraConfig, get_peft_model
+    from unsloth_zoo.peft_utils import get_peft_regex
+
+    lora = recipe.lora
+    targets = get_peft_regex(model, target_modules=lora_targets(recipe), **vision_parts(recipe))
+    torch.manual_seed(t.seed)  # the same LoRA initialisation in every process
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config), processor

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes import atomic
-from recipes.schema import RandomInit
+from recipes.schema import TINY_IMAGE_TOKENS, TINY_VISION_TOWER, VISION_ARCHITECTURES, RandomInit
 
 CHATML = (
     "{% for message in messages %}"
@@ -25,6 +25,21 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|pad|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
+# gemma3-vision: ChatML whose contents may be lists of parts; an image part becomes Gemma 3's
+# <start_of_image>, which its processor expands into the image's soft tokens.
+IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+CHATML_WITH_IMAGES = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def folder_for(spec: RandomInit, corpus_key: str, max_seq_length: int, root: Path) -> Path:
@@ -32,7 +47,7 @@ def folder_for(spec: RandomInit, corpus_key: str, max_seq_length: int, root: Pat
     return root / f"{spec.architecture}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def _train_tokenizer(texts: Iterable[str], vocab_size: int):
+def _train_tokenizer(texts: Iterable[str], vocab_size: int, images: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,7 +56,7 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + (list(IMAGE_TOKENS.values()) if images else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -52,9 +67,48 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int):
         bos_token="<|begin_of_text|>",
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
-        chat_template=CHATML,
+        chat_template=CHATML_WITH_IMAGES if images else CHATML,
         padding_side="right",
+        **({"extra_special_tokens": IMAGE_TOKENS} if images else {}),
     )
+
+
+def _gemma3_vision(spec: RandomInit, tokenizer, max_seq_length: int):
+    """(config, processor) of a tiny Gemma 3 image-text model around the spec's text decoder."""
+    from transformers import Gemma3Config, Gemma3Processor
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil  # PIL: no torchvision needed
+
+    size = TINY_VISION_TOWER["image_size"]
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+        chat_template=CHATML_WITH_IMAGES,
+        image_seq_length=TINY_IMAGE_TOKENS,
+    )
+    config = Gemma3Config(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.kv_heads,
+            head_dim=spec.hidden_size // spec.num_attention_heads,
+            max_position_embeddings=max(2048, max_seq_length),
+            sliding_window=max_seq_length,
+        ),
+        vision_config=dict(TINY_VISION_TOWER),
+        mm_tokens_per_image=TINY_IMAGE_TOKENS,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    return config, processor
 
 
 def build(
@@ -66,7 +120,7 @@ def build(
 ) -> Path:
     """Write the model folder at dest (if it is not there yet) and return dest.
 
-    `write_weights(config, folder)` replaces the default (a whole LlamaForCausalLM built in
+    `write_weights(config, folder)` replaces the default (a whole model built in
     float32 on one device, then saved) for shapes too large for that: bench/bigmodel.py writes
     a 70B model's safetensors one tensor at a time."""
     from filelock import FileLock
@@ -76,23 +130,28 @@ def build(
         if (dest / "config.json").exists():
             return dest
         import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig
 
-        tokenizer = _train_tokenizer(texts, spec.vocab_size)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_hidden_layers,
-            num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.kv_heads,
-            max_position_embeddings=max(2048, max_seq_length),
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            torch_dtype="bfloat16",
-        )
+        vision = spec.architecture in VISION_ARCHITECTURES
+        tokenizer = _train_tokenizer(texts, spec.vocab_size, images=vision)
+        processor = None
+        if vision:
+            config, processor = _gemma3_vision(spec, tokenizer, max_seq_length)
+        else:
+            config = LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=spec.hidden_size,
+                intermediate_size=spec.intermediate_size,
+                num_hidden_layers=spec.num_hidden_layers,
+                num_attention_heads=spec.num_attention_heads,
+                num_key_value_heads=spec.kv_heads,
+                max_position_embeddings=max(2048, max_seq_length),
+                tie_word_embeddings=False,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                torch_dtype="bfloat16",
+            )
         with atomic.folder(dest) as tmp:
             if write_weights is not None:
                 tmp.mkdir()
@@ -103,8 +162,14 @@ def build(
                 # Initialising billions of weights is far faster on a GPU; the result is saved either way.
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 with torch.device(device):
-                    model = LlamaForCausalLM(config).to(torch.bfloat16)
+                    model = _model_class(config)(config).to(torch.bfloat16)
                 model.save_pretrained(tmp)
                 del model
-            tokenizer.save_pretrained(tmp)
+            (processor or tokenizer).save_pretrained(tmp)
     return dest
+
+
+def _model_class(config):
+    from transformers import Gemma3ForConditionalGeneration, LlamaForCausalLM
+
+    return Gemma3ForConditionalGeneration if config.model_type == "gemma3" else LlamaForCausalLM

@@ -1,0 +1,223 @@
+"""Vision SFT (`data.format: vision`): chats with images. What a row must hold and what is refused
+before anything loads, the plan, and real training on the CPU: a tiny random-init Gemma 3
+image-text model (built offline) learns the colour of bundled images in one process and in
+two-process DDP (gloo), with LoRA on the parts the recipe chooses.
+
+On the CPU, where Unsloth's backend has no vision models, transformers and PEFT load the model
+with the LoRA targets Unsloth's get_peft_regex picks; on a GPU Unsloth's FastVisionModel and its
+vision collator do (trainer/models.py, trainer/methods.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, clean_env, plan_for, run_cli
+
+from entrypoint import gpus, memory
+from recipes import catalog, formats
+from recipes.errors import BadInput
+
+TINY = ROOT / "tests" / "recipes" / "tiny-vision.yaml"
+DATA = ROOT / "tests" / "data" / "vision"
+HUB_RECIPES = ("qwen2.5-vl-7b-vision-sft", "gemma-3-4b-vision-sft")
+
+
+def user(*parts: dict) -> dict:
+    return {"role": "user", "content": list(parts)}
+
+
+IMAGE, TEXT = {"type": "image"}, {"type": "text", "text": "What colour?"}
+ANSWER = {"role": "assistant", "content": "red"}
+
+
+# ---- what a row holds
+
+
+def test_a_chat_with_image_parts_and_as_many_images_is_a_vision_row():
+    assert formats.row_problem({"messages": [user(IMAGE, TEXT), ANSWER], "images": ["a.png"]}, "vision") is None
+
+
+def test_a_chat_of_plain_text_contents_takes_its_images_before_the_first_user_text():
+    assert (
+        formats.row_problem({"messages": [{"role": "user", "content": "Hi"}, ANSWER], "images": ["a.png"]}, "vision")
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ({"messages": [user(IMAGE, TEXT), ANSWER]}, "field 'images' is missing"),
+        ({"messages": [user(IMAGE, TEXT), ANSWER], "images": []}, "field 'images' is missing"),
+        ({"messages": [user(IMAGE, IMAGE, TEXT), ANSWER], "images": ["a.png"]}, "2 image parts in its messages but 1"),
+        ({"messages": [user({"type": "audio"}), ANSWER], "images": ["a.png"]}, r"content\[0\] is not a text part"),
+        ({"messages": [user(IMAGE, TEXT)], "images": ["a.png"]}, "no assistant turn"),
+    ],
+)
+def test_a_vision_row_that_does_not_fit_is_named_with_its_problem(row, problem):
+    with pytest.raises(BadInput, match=problem):
+        formats.check_row(row, "vision", "row 1")
+
+
+def test_image_parts_are_text_contents_only_in_vision_rows():
+    assert "has no text field 'content'" in formats.row_problem({"messages": [user(TEXT), ANSWER]}, "messages")
+
+
+# ---- refused before anything loads
+
+
+def copy_data(tmp_path: Path) -> Path:
+    shutil.copytree(DATA, tmp_path / "vision")
+    return tmp_path / "vision" / "colours.jsonl"
+
+
+def test_a_missing_image_file_stops_the_run_before_anything_is_written(tmp_path):
+    data = copy_data(tmp_path)
+    (tmp_path / "vision" / "images" / "blue.png").unlink()
+    done = run_cli("run", str(TINY), f"data.source={data}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: data.source ") and "images[0] 'images/blue.png' is not a file" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.random_init.architecture=llama"], "images need a vision-language model; set model.random_init"),
+        (["training.packing=true"], "set training.packing=false for data.format vision"),
+        (["data.chat_template=chatml"], "renders chats with its processor's own template"),
+        (["lora.finetune_vision_layers=false", "lora.finetune_language_layers=false"], "nothing would train"),
+        (["lora.finetune_attention_modules=false", "lora.finetune_mlp_modules=false"], "nothing would train"),
+        (["data.train_on_responses_only=true"], "needs conversations"),
+        (["output.save=[adapter,merged_16bit]"], "exports of a vision model are not built yet"),
+    ],
+)
+def test_an_impossible_vision_recipe_is_refused_naming_the_field_and_the_fix(overrides, message):
+    with pytest.raises(BadInput, match=message):
+        catalog.load(str(TINY), overrides)
+
+
+def test_choosing_vision_parts_of_a_text_recipe_is_refused():
+    with pytest.raises(BadInput, match="lora.finetune_vision_layers=false chooses the parts of a vision-language"):
+        catalog.load("smoke", ["lora.finetune_vision_layers=false"])
+
+
+def test_a_random_init_vision_model_trains_on_images_only():
+    with pytest.raises(BadInput, match="a vision-language model trains on images here; set data.format=vision"):
+        catalog.load("smoke", ["model.random_init.architecture=gemma3-vision"])
+
+
+def test_images_for_a_model_whose_config_has_no_vision_tower_are_refused(tmp_path):
+    model = tmp_path / "text-model"
+    model.mkdir()
+    config = {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "vocab_size": 300,
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    loaded = catalog.load(str(TINY), [f"model.name={model}", "model.random_init=null"])
+    with pytest.raises(BadInput, match=r"is a text-only model \(config.json of .* has no vision_config\)"):
+        plan_for({}, loaded, [])
+
+
+def test_vision_is_refused_under_fsdp_before_launch():
+    with pytest.raises(BadInput, match="data.format vision cannot train under PARALLELISM=fsdp"):
+        plan_for({"PARALLELISM": "fsdp"}, catalog.load(HUB_RECIPES[0]), gpus.assumed("2x80"))
+
+
+# ---- the plan and the bundled recipes
+
+
+@pytest.mark.parametrize("name", HUB_RECIPES)
+def test_the_bundled_vision_recipes_plan_data_parallel_on_two_gpus(name):
+    p = plan_for({"PARALLELISM": "ddp"}, catalog.load(name), gpus.assumed("2x80"))
+    assert (p.mode, p.num_processes) == ("ddp", 2)
+
+
+GEMMA3_4B = {
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "num_hidden_layers": 34,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "vocab_size": 262208,
+    },
+    "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27},
+}
+
+
+def test_the_memory_estimate_counts_the_vision_tower_and_its_adapters():
+    shape = memory.Shape.from_config(GEMMA3_4B)
+    text_only = memory.Shape.from_config({"text_config": GEMMA3_4B["text_config"]})
+    assert shape.vision == (1152, 4304, 27) and text_only.vision is None
+    assert shape.parameters() - text_only.parameters() == 27 * (4 * 1152**2 + 2 * 1152 * 4304)  # ~0.41B
+    frozen = catalog.load("gemma-3-4b-vision-sft").recipe  # lora.finetune_vision_layers: false
+    trained = catalog.load("gemma-3-4b-vision-sft", ["lora.finetune_vision_layers=true"]).recipe
+    with_tower = memory.estimate_from_shape(trained, shape, "config.json")
+    assert with_tower.trainable_gib > memory.estimate_from_shape(frozen, shape, "config.json").trainable_gib
+    assert with_tower.weights_gib > memory.estimate_from_shape(trained, text_only, "config.json").weights_gib
+
+
+def test_a_vision_tower_is_read_from_config_json_whatever_its_family_calls_its_sizes():
+    qwen2_vl = {"vision_config": {"embed_dim": 1280, "mlp_ratio": 4, "depth": 32}}
+    gemma3 = {"vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27}}
+    assert memory.vision_tower(qwen2_vl) == (1280, 5120, 32)
+    assert memory.vision_tower(gemma3) == (1152, 4304, 27)
+    assert memory.vision_tower({"hidden_size": 64}) is None
+
+
+# ---- training on the CPU
+
+
+def metrics_of(folder: Path) -> dict:
+    return json.loads((folder / "outputs" / "tiny-vision" / "metrics.json").read_text())
+
+
+def adapter_keys(folder: Path) -> list[str]:
+    from safetensors.torch import load_file
+
+    return sorted(load_file(folder / "outputs" / "tiny-vision" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_tiny_vision_model_learns_from_bundled_images(tmp_path, processes):
+    done = run_cli("run", str(TINY), cwd=tmp_path, env=clean_env(CPU_PROCESSES=processes))
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = metrics_of(tmp_path)
+    assert (m["steps"], m["world_size"]) == (30, int(processes))
+    assert m["final_loss"] < m["first_loss"] and m["tokens"] > 0
+    assert [s for s, _ in m["eval_losses"]] == [0, 15, 30] and m["eval_losses"][-1][1] < m["eval_losses"][0][1]
+    assert len(m["trainable_fingerprints"]) == int(processes) and len(set(m["trainable_fingerprints"])) == 1
+    keys = adapter_keys(tmp_path)
+    assert any(".vision_tower." in k for k in keys) and any(".language_model." in k for k in keys)
+    assert (tmp_path / "outputs" / "tiny-vision" / "adapter" / "processor_config.json").is_file()
+
+
+@pytest.mark.e2e
+def test_lora_leaves_the_vision_tower_alone_when_the_recipe_says_so(tmp_path):
+    overrides = [
+        "lora.finetune_vision_layers=false",
+        "training.max_steps=2",
+        "data.eval_fraction=null",
+        "training.eval_steps=0",
+    ]
+    done = run_cli("run", str(TINY), *overrides, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    keys = adapter_keys(tmp_path)
+    assert keys and not any(".vision_tower." in k for k in keys)
+    assert all(".language_model." in k for k in keys)
+    # What is not built for vision runs yet says so, and where the adapter is.
+    run = str(tmp_path / "outputs" / "tiny-vision")
+    for args in (["export", run, "--to", "merged_16bit"], ["generate", run, "--prompt", "Hi"]):
+        refused = run_cli(*args, cwd=tmp_path)
+        assert refused.returncode == 2 and "it trained a vision model" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
