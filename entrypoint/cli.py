@@ -7,7 +7,7 @@
     python -m entrypoint validate FILE|RECIPE [key=value ...]
     python -m entrypoint doctor [--json]
     python -m entrypoint export RUN_DIR|RECIPE --to adapter|merged_16bit|gguf[:QUANT,...] ...
-    python -m entrypoint generate RUN_DIR|RECIPE [--prompt TEXT] [--max-new-tokens N]
+    python -m entrypoint generate RUN_DIR|RECIPE [--prompt TEXT] [--image FILE] [--max-new-tokens N]
 
 RECIPE is a bundled name or a path to a YAML file; the RECIPE variable serves when the
 command line names none. Any bad input ends with one `error:` line and exit status 2.
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", help="one prompt; without it, a chat on stdin (an empty line ends it)")
     generate.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
     generate.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
+    generate.add_argument("--image", metavar="FILE", help="a vision run: the image the prompt asks about")
     return parser
 
 
@@ -131,7 +132,8 @@ def build_followup(args: argparse.Namespace) -> Plan:
     if args.command == "export":
         return followup.export_plan(request, run, exports.parse_targets(args.to), facts)
     options = [f"--max-new-tokens={args.max_new_tokens}", f"--temperature={args.temperature}"]
-    return followup.generate_plan(request, run, facts, options + ([f"--prompt={args.prompt}"] if args.prompt else []))
+    options += [f"--prompt={args.prompt}"] if args.prompt else []
+    return followup.generate_plan(request, run, facts, options, args.image)
 
 
 def print_plan(plan: Plan) -> None:

@@ -51,13 +51,26 @@ def refuse_untrained(run: Run) -> None:
         )
 
 
-def refuse_vision(run: Run, what: str) -> None:
-    """Merging, GGUF and generate load a text model; a vision run has only its adapter for now."""
-    if run.recipe.data.format == "vision":
+def refuse_gguf_of_vision(run: Run) -> None:
+    """llama.cpp takes an image-text model as two files (the language model, and the vision tower
+    as an mmproj file), which the GGUF export does not make yet."""
+    if run.vision:
         raise BadInput(
-            f"{what} of run {run.recipe.name}: it trained a vision model, whose merged, GGUF and generate paths "
-            f"are not built yet; its adapter is in {run.folder / 'adapter'} (load it with Unsloth's FastVisionModel)"
+            f"export --to gguf of run {run.recipe.name}: it trained a vision model, whose GGUF export (the model "
+            f"and its mmproj file) is not built yet; export --to merged_16bit, which llama.cpp's converter takes"
         )
+
+
+def check_image(run: Run, image: str | None) -> None:
+    if image is None:
+        return
+    if not run.vision:
+        raise BadInput(
+            f"--image {image}: run {run.recipe.name} trained a text model (data.format {run.recipe.data.format}), "
+            f"which takes no images; leave --image out"
+        )
+    if not Path(image).is_file():
+        raise BadInput(f"--image {image!r} is not a file; give the path of an image (png, jpg, ...)")
 
 
 def parameters(host: Host) -> int | None:
@@ -69,8 +82,8 @@ def parameters(host: Host) -> int | None:
 def export_plan(request: Request, run: Run, targets: list[tuple[str, tuple[str, ...]]], host: Host) -> Plan:
     refuse_untrained(run)
     kinds = [kind for kind, _ in targets]
-    if set(kinds) - {"adapter"}:
-        refuse_vision(run, f"export --to {' '.join(k for k in kinds if k != 'adapter')}")
+    if "gguf" in kinds:
+        refuse_gguf_of_vision(run)
     if run.recipe.model.full_finetuning and set(kinds) & {"adapter", "merged_16bit"}:
         raise BadInput(
             f"run {run.recipe.name} fine-tuned every weight: model/ is already the whole 16-bit model, with no "
@@ -105,8 +118,10 @@ def disk_gib(params: int | None, targets: list[tuple[str, tuple[str, ...]]], mer
     return round(params * per_param / memory.GIB + 0.1, 2)
 
 
-def generate_plan(request: Request, run: Run, host: Host, options: list[str]) -> Plan:
-    refuse_vision(run, "generate")
+def generate_plan(request: Request, run: Run, host: Host, options: list[str], image: str | None = None) -> Plan:
+    check_image(run, image)
+    if image is not None:
+        options = [*options, f"--image={Path(image).resolve()}"]
     merged = run.folder / ("model" if run.recipe.model.full_finetuning else "merged_16bit")
     if not (merged / "config.json").is_file():
         refuse_untrained(run)

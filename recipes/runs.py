@@ -36,6 +36,11 @@ class Run:
     def trust_remote_code(self) -> bool:
         return self.recipe.model.trust_remote_code
 
+    @property
+    def vision(self) -> bool:
+        """It trained an image-text model (data.format vision): loaded with its processor."""
+        return self.recipe.data.format == "vision"
+
     def base_model(self) -> str:
         """What the adapter was trained on: the path PEFT recorded (a random-init model's folder),
         else the recipe's model."""

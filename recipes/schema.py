@@ -346,10 +346,10 @@ class Recipe(Strict):
                 "training.packing joins rows into one sequence, which TRL cannot do with images; "
                 "set training.packing=false for data.format vision"
             )
-        if vision and set(self.output.save) - {"adapter"}:
+        if vision and "gguf" in self.output.save:
             raise ValueError(
-                f"output.save {self.output.save}: merged and GGUF exports of a vision model are not built yet; "
-                f"set output.save=[adapter]"
+                "output.save gguf: the GGUF export of a vision model (the model and its mmproj file) is not built "
+                "yet; save merged_16bit, which llama.cpp's converter takes"
             )
         if vision and self.data.chat_template is not None:
             raise ValueError(

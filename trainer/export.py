@@ -7,7 +7,8 @@ training program calls `export_run` itself at the end for `output.save`.
 
   adapter        the adapter, from the newest checkpoint when training stopped before saving one
   merged_16bit   the base model in 16 bits, on the CPU, with the adapter merged in: merged_16bit/
-                 (a 4-bit or model-parallel run's adapter merges into the 16-bit base weights)
+                 (a 4-bit or model-parallel run's adapter merges into the 16-bit base weights; an
+                 image-text model's whole, with its processor)
   gguf:QUANTS    llama.cpp's converter on the merged (or fully fine-tuned) model, then its
                  llama-quantize for the k-quants: gguf/<recipe>-<quant>.gguf
 Each folder is written whole or not at all (recipes/atomic.py); exports.json lists what was
@@ -46,14 +47,24 @@ def adapter_from_checkpoint(run: Run) -> Path:
     return dest
 
 
-def merge(adapter: Path, dest: Path, trust_remote_code: bool) -> Path:
-    """The base model (the one the adapter was trained on) in 16 bits with the adapter merged in."""
+def auto_classes(vision: bool):
+    """transformers' (model, tokenizer or processor) classes for a run's model."""
+    import transformers
+
+    if vision:
+        return transformers.AutoModelForImageTextToText, transformers.AutoProcessor
+    return transformers.AutoModelForCausalLM, transformers.AutoTokenizer
+
+
+def merge(adapter: Path, dest: Path, trust_remote_code: bool, vision: bool = False) -> Path:
+    """The base model (the one the adapter was trained on) in 16 bits with the adapter merged in;
+    an image-text model's vision tower included, and its processor beside it."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_class, tokenizer_class = auto_classes(vision)
     base_name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = AutoModelForCausalLM.from_pretrained(
+    base = model_class.from_pretrained(
         base_name, dtype=torch.bfloat16, device_map="cpu", trust_remote_code=trust_remote_code
     )
     if getattr(base.config, "quantization_config", None) is not None:
@@ -62,7 +73,7 @@ def merge(adapter: Path, dest: Path, trust_remote_code: bool) -> Path:
             f"train from the 16-bit model (e.g. without the -bnb-4bit suffix) and load it with model.load_in=4bit"
         )
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=trust_remote_code)
+    tokenizer = tokenizer_class.from_pretrained(str(adapter), trust_remote_code=trust_remote_code)
     with atomic.folder(dest) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -114,7 +125,9 @@ def export_run(run: Run, targets: list[tuple[str, tuple[str, ...]]], llama_cpp: 
             if kind == "adapter":
                 paths = [adapter_from_checkpoint(run)]
             elif kind == "merged_16bit":
-                merged_dir = merge(adapter_from_checkpoint(run), run.folder / "merged_16bit", run.trust_remote_code)
+                merged_dir = merge(
+                    adapter_from_checkpoint(run), run.folder / "merged_16bit", run.trust_remote_code, run.vision
+                )
                 paths = [merged_dir]
             else:
                 if merged_dir is None:  # GGUF alone: merge into scratch space, not merged_16bit/

@@ -1,12 +1,14 @@
 """Try a run: the model it trained answers a prompt, or a short chat on the terminal.
 
-    python -m trainer.generate --run OUTPUT_FOLDER [--prompt TEXT] [--max-new-tokens N]
+    python -m trainer.generate --run OUTPUT_FOLDER [--prompt TEXT] [--image FILE] [--max-new-tokens N]
 
 The launcher's `generate` command checks the request and starts it (entrypoint/cli.py). It uses
 the run's merged model when there is one (merged_16bit/, or model/ after full fine-tuning), else
 the base model with the adapter; a GPU when one is visible, else the CPU. Prompts of chat recipes
 (data.format messages / instruction) go through the tokenizer's chat template, as in training;
-text recipes continue the prompt as written. Decoding is greedy unless --temperature is given.
+text recipes continue the prompt as written. A vision run (data.format vision) loads its processor,
+and --image puts an image before the prompt, as in training. Decoding is greedy unless
+--temperature is given.
 Without --prompt it reads one message per line from stdin until an empty line or the end, and
 keeps the conversation.
 """
@@ -19,30 +21,29 @@ from pathlib import Path
 
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 from recipes.runs import Run
+from trainer.export import auto_classes
 
 
 def load(run: Run):
-    """(model, tokenizer) ready to generate."""
+    """(model, tokenizer, or a vision run's processor) ready to generate."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_class, tokenizer_class = auto_classes(run.vision)
     merged = run.folder / ("model" if run.recipe.model.full_finetuning else "merged_16bit")
     trust = run.trust_remote_code
     placement = {"device_map": "auto"} if torch.cuda.is_available() else {"device_map": "cpu"}
     if (merged / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(merged), dtype="auto", trust_remote_code=trust, **placement)
+        model = model_class.from_pretrained(str(merged), dtype="auto", trust_remote_code=trust, **placement)
         tokenizer_folder = merged
     else:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(
-            run.base_model(), dtype="auto", trust_remote_code=trust, **placement
-        )
+        base = model_class.from_pretrained(run.base_model(), dtype="auto", trust_remote_code=trust, **placement)
         adapter = run.trained or run.checkpoint
         assert adapter is not None  # the launcher refused a run with neither
         model = PeftModel.from_pretrained(base, str(adapter))
         tokenizer_folder = adapter
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), trust_remote_code=trust)
+    tokenizer = tokenizer_class.from_pretrained(str(tokenizer_folder), trust_remote_code=trust)
     return model.eval(), tokenizer
 
 
@@ -50,14 +51,23 @@ def reply(model, tokenizer, history: list[dict], chat: bool, max_new_tokens: int
     import torch
 
     if chat:
-        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            history, add_generation_prompt=True, tokenize=True, return_tensors="pt", return_dict=True
+        )
     else:
         ids = tokenizer(history[-1]["content"], return_tensors="pt")
     ids = {k: v.to(model.device) for k, v in ids.items()}
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    pad = getattr(tokenizer, "tokenizer", tokenizer).pad_token_id  # a processor holds its tokenizer
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def vision_turn(prompt: str, image: str | None) -> dict:
+    """A user turn of a vision run: the image (loaded by the processor's chat template) before the text."""
+    parts = [{"type": "image", "path": image}] if image else []
+    return {"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", help="one prompt; without it, a chat on stdin")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--image", help="a vision run: an image file, placed before the first prompt")
     args = parser.parse_args(argv)
     try:
         run = Run.read(Path(args.run))
@@ -73,12 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     model, tokenizer = load(run)
-    chat = run.recipe.data.format in ("messages", "instruction") and bool(getattr(tokenizer, "chat_template", None))
+    chat = run.recipe.data.format in ("messages", "instruction", "vision") and bool(
+        getattr(tokenizer, "chat_template", None)
+    )
     history: list[dict] = []
     prompts = [args.prompt] if args.prompt is not None else iter(lambda: input("you: ").strip(), "")
     try:
         for prompt in prompts:
-            history.append({"role": "user", "content": prompt})
+            if run.vision:
+                history.append(vision_turn(prompt, args.image if not history else None))
+            else:
+                history.append({"role": "user", "content": prompt})
             context = history if chat else history[-1:]
             answer = reply(model, tokenizer, context, chat, args.max_new_tokens, args.temperature)
             history.append({"role": "assistant", "content": answer})
