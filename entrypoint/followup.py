@@ -71,6 +71,13 @@ def check_image(run: Run, image: str | None) -> None:
         )
     if not Path(image).is_file():
         raise BadInput(f"--image {image!r} is not a file; give the path of an image (png, jpg, ...)")
+    from PIL import Image, UnidentifiedImageError  # PIL only: no torch in the launcher
+
+    try:
+        with Image.open(image) as opened:
+            opened.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise BadInput(f"--image {image!r} is not an image PIL can read ({exc}); give a png, jpg, ... file") from None
 
 
 def parameters(host: Host) -> int | None:

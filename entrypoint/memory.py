@@ -185,18 +185,29 @@ class Shape:
 
 
 def vision_tower(config: Mapping) -> tuple[int, int, int] | None:
-    """(hidden, intermediate, layers) of config.json's vision_config, or None for a text model."""
+    """(hidden, intermediate, layers) of config.json's vision_config, or None where it does not
+    say (or there is none). Qwen2-VL's embed_dim is the tower's width (its hidden_size there is
+    the language model's); elsewhere hidden_size is."""
     vision = config.get("vision_config")
     if not isinstance(vision, Mapping):
         return None
     try:
-        hidden = int(vision.get("hidden_size") or vision["embed_dim"])
+        hidden = int(vision.get("embed_dim") or vision["hidden_size"])
         ratio = vision.get("mlp_ratio") or 4
         intermediate = int(vision.get("intermediate_size") or ratio * hidden)
         layers = int(vision.get("num_hidden_layers") or vision.get("depth") or vision["num_layers"])
     except (KeyError, TypeError, ValueError):
         return None
     return hidden, intermediate, layers
+
+
+def takes_images(config: Mapping) -> bool:
+    """Whether config.json describes an image-text model: a vision_config, or another key of a
+    vision tower or image token (Phi-3.5-vision's img_processor, LLaVA's mm_vision_tower, ...)."""
+    words = ("vision", "visual", "image", "img")
+    return any(word in key for key in config for word in words) or any(
+        word in key for key in config.get("text_config") or {} for word in words
+    )
 
 
 def shape_of(recipe: Recipe, config: Mapping | None, source: str) -> tuple[Shape | None, str]:

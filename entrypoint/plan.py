@@ -141,6 +141,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     modes.refuse_fsdp_switch(mode, request.fsdp_switch)
     refuse_method_in_mode(recipe, mode)
     refuse_images_for_a_text_model(recipe, host.model_config, host.model_config_source)
+    refuse_quantized_vision_on_cpu(recipe, bool(chosen))
     recipe, generation = resolve_generation(recipe, bool(chosen), host.vllm_installed)
     one_gpu = chosen[0].memory_gib if chosen else None
     per_gpu = memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu)
@@ -209,11 +210,21 @@ def refuse_images_for_a_text_model(recipe: Recipe, config: Mapping | None, sourc
     """data.format vision on a model whose config.json has no vision tower (where it was found)."""
     if recipe.data.format != "vision" or config is None or recipe.model.random_init is not None:
         return
-    if memory.vision_tower(config) is None:
+    if not memory.takes_images(config):
         raise BadInput(
-            f"data.format vision, but {recipe.model.name} is a text-only model ({source} has no vision_config); "
+            f"data.format vision, but {recipe.model.name} is a text-only model ({source} names no vision tower: "
+            f"no vision_config); "
             f"pick an image-text model (e.g. unsloth/Qwen2.5-VL-7B-Instruct), or train on text with "
             f"data.format messages"
+        )
+
+
+def refuse_quantized_vision_on_cpu(recipe: Recipe, gpu: bool) -> None:
+    """On the CPU a vision model loads through transformers in 16 bits (trainer/models.py)."""
+    if recipe.data.format == "vision" and not gpu and recipe.model.load_in != "16bit":
+        raise BadInput(
+            f"model.load_in {recipe.model.load_in}: a vision model on the CPU loads in 16 bits; "
+            f"set model.load_in=16bit, or train on a GPU"
         )
 
 

@@ -70,12 +70,24 @@ def row_problem(row: Any, fmt: str) -> str | None:
             return "field 'messages' has no assistant turn to learn from"
     if fmt == "vision":
         images = row.get("images")
-        if not isinstance(images, list) or not images or any(image is None for image in images):
+        if not isinstance(images, list) or not images:
             return "field 'images' is missing or not a non-empty list of images"
+        for i, image in enumerate(images):
+            if not _is_image(image):
+                return f"images[{i}] is {type(image).__name__}, not an image path (or an image of a hub dataset)"
         slots = sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
         if slots and slots != len(images):
             return f"has {slots} image parts in its messages but {len(images)} images; give one image per part"
     return None
+
+
+def _is_image(image: Any) -> bool:
+    """A path; a datasets Image value, decoded (a PIL image) or not ({"bytes", "path"})."""
+    if isinstance(image, str):
+        return bool(image)
+    if isinstance(image, dict):
+        return bool(image.get("bytes") or image.get("path"))
+    return hasattr(image, "getdata") and hasattr(image, "mode")  # PIL, not imported here
 
 
 def _content_problem(content: Any, parts_allowed: bool) -> str | None:

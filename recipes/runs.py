@@ -23,6 +23,7 @@ from recipes.errors import BadInput
 from recipes.schema import Recipe
 
 RECIPE_FILES = ("launch/recipe.yaml", "launch/node-0/recipe.yaml")
+PREQUANTIZED = re.compile(r"(-unsloth)?-bnb-4bit$|-bnb-8bit$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,16 @@ class Run:
             if config is not None and config.is_file():
                 return json.loads(config.read_text()).get("base_model_name_or_path") or self.recipe.model.name
         return self.recipe.model.name
+
+    def merge_base(self) -> str:
+        """The 16-bit model to merge the adapter into. Unsloth loads a hub model asked for in 4 bits
+        from its pre-quantized copy (unsloth/X -> unsloth/X-unsloth-bnb-4bit), which PEFT records;
+        its 16-bit weights are those of the recipe's model."""
+        recorded = self.base_model()
+        asked = self.recipe.model.name
+        if PREQUANTIZED.search(recorded) and not PREQUANTIZED.search(asked) and self.recipe.model.random_init is None:
+            return asked
+        return recorded
 
     @classmethod
     def read(cls, folder: Path) -> Run:

@@ -341,6 +341,11 @@ class Recipe(Strict):
                     else "a vision-language model trains on images here; set data.format=vision"
                 )
             )
+        if vision and self.data.train_on_responses_only:
+            raise ValueError(
+                "data.train_on_responses_only is not built for data.format vision (every answer of the chat "
+                "is learned); set data.train_on_responses_only=false"
+            )
         if vision and self.training.packing:
             raise ValueError(
                 "training.packing joins rows into one sequence, which TRL cannot do with images; "

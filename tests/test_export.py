@@ -221,3 +221,26 @@ def test_a_recipe_that_has_not_run_yet_is_named(tmp_path):
     recipe = write_recipe(tmp_path, "later", "allow_cpu: true\nmodel: {name: org/m-1B}\ndata: {source: org/d}\n")
     done = run_cli("generate", str(recipe), "--prompt", "hi", cwd=tmp_path)
     assert done.returncode == 2 and "recipe later has not run here yet" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("asked", "recorded", "merged_into"),
+    [
+        ("unsloth/gemma-3-4b-it", "unsloth/gemma-3-4b-it-unsloth-bnb-4bit", "unsloth/gemma-3-4b-it"),
+        ("unsloth/Llama-3.1-8B", "unsloth/Llama-3.1-8B-bnb-4bit", "unsloth/Llama-3.1-8B"),
+        ("unsloth/Llama-3.1-8B-bnb-4bit", "unsloth/Llama-3.1-8B-bnb-4bit", "unsloth/Llama-3.1-8B-bnb-4bit"),
+        ("unsloth/Llama-3.1-8B", "unsloth/Llama-3.1-8B", "unsloth/Llama-3.1-8B"),
+    ],
+)
+def test_a_4bit_run_of_a_hub_model_merges_into_the_16bit_model_its_recipe_named(tmp_path, asked, recorded, merged_into):
+    """Unsloth loads a hub model asked for in 4 bits from its pre-quantized copy, which PEFT records
+    as the base; the 16-bit weights to merge into are the recipe's model's. A recipe that named the
+    pre-quantized copy itself has none (and the merge says so)."""
+    from recipes import catalog
+    from recipes.runs import Run
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": recorded}))
+    recipe = catalog.load("llama-3.1-8b-qlora-chat", [f"model.name={asked}"]).recipe
+    assert Run(tmp_path, recipe, trained=adapter, checkpoint=None).merge_base() == merged_into

@@ -56,6 +56,8 @@ def test_a_chat_of_plain_text_contents_takes_its_images_before_the_first_user_te
         ({"messages": [user(IMAGE, IMAGE, TEXT), ANSWER], "images": ["a.png"]}, "2 image parts in its messages but 1"),
         ({"messages": [user({"type": "audio"}), ANSWER], "images": ["a.png"]}, r"content\[0\] is not a text part"),
         ({"messages": [user(IMAGE, TEXT)], "images": ["a.png"]}, "no assistant turn"),
+        ({"messages": [user(IMAGE, TEXT), ANSWER], "images": [3]}, r"images\[0\] is int, not an image path"),
+        ({"messages": [user(IMAGE, TEXT), ANSWER], "images": [{"bytes": None}]}, r"images\[0\] is dict, not an image"),
     ],
 )
 def test_a_vision_row_that_does_not_fit_is_named_with_its_problem(row, problem):
@@ -65,6 +67,58 @@ def test_a_vision_row_that_does_not_fit_is_named_with_its_problem(row, problem):
 
 def test_image_parts_are_text_contents_only_in_vision_rows():
     assert "has no text field 'content'" in formats.row_problem({"messages": [user(TEXT), ANSWER]}, "messages")
+
+
+# ---- shaped for the trainer
+
+
+def vision_data(source: str):
+    from recipes.schema import DataConfig
+
+    return DataConfig(source=source, format="vision")
+
+
+def test_images_go_before_the_first_user_text_when_the_chat_has_no_image_parts():
+    from trainer import data
+
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, ANSWER],
+           "images": ["images/red.png", "images/blue.png"]}  # fmt: skip
+    shaped = data.shape_row(row, vision_data(str(DATA / "colours.jsonl")))
+    assert [p["type"] for p in shaped["messages"][1]["content"]] == ["image", "image", "text"]
+    assert shaped["messages"][0]["content"] == [{"type": "text", "text": "Be brief."}]
+    assert shaped["images"] == [str(DATA / "images" / "red.png"), str(DATA / "images" / "blue.png")]
+
+
+def test_a_chat_with_image_parts_keeps_them_where_they_are():
+    from trainer import data
+
+    row = {"messages": [user(TEXT, IMAGE), ANSWER], "images": ["images/red.png"]}
+    shaped = data.shape_row(row, vision_data(str(DATA)))
+    assert [p["type"] for p in shaped["messages"][0]["content"]] == ["text", "image"]
+    assert shaped["images"] == [str(DATA / "images" / "red.png")]  # a folder source: relative to it
+
+
+def test_a_hub_vision_dataset_is_checked_and_shaped_without_decoding_its_images():
+    """As HuggingFaceH4/llava-instruct-mix-vsft comes: parts with an index and None texts, a list of
+    datasets Images."""
+    import datasets
+    from PIL import Image
+
+    from trainer import data
+
+    parts = [{"index": 0, "text": None, "type": "image"}, {"index": None, "text": "What colour?", "type": "text"}]
+    rows = {
+        "messages": [[{"role": "user", "content": parts}, {"role": "assistant", "content": [
+            {"index": None, "text": "Red.", "type": "text"}]}]] * 3,
+        "images": [[Image.open(DATA / "images" / "red.png")]] * 3,
+    }  # fmt: skip
+    hub = datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    assert isinstance(data.undecoded(hub)[0]["images"][0], dict), "checked and shaped as bytes"
+    shaped = data._checked_and_shaped(hub, vision_data("org/a-hub-dataset"), "data.source", "org/a-hub-dataset")
+    first = shaped[0]
+    assert first["images"][0].size == (24, 24), "decoded again for the collator"
+    assert [p["type"] for p in first["messages"][0]["content"]] == ["image", "text"]
+    assert [(p["type"], p["text"]) for p in first["messages"][1]["content"]] == [("text", "Red.")]
 
 
 # ---- refused before anything loads
@@ -92,7 +146,7 @@ def test_a_missing_image_file_stops_the_run_before_anything_is_written(tmp_path)
         (["data.chat_template=chatml"], "renders chats with its processor's own template"),
         (["lora.finetune_vision_layers=false", "lora.finetune_language_layers=false"], "nothing would train"),
         (["lora.finetune_attention_modules=false", "lora.finetune_mlp_modules=false"], "nothing would train"),
-        (["data.train_on_responses_only=true"], "needs conversations"),
+        (["data.train_on_responses_only=true"], "set data.train_on_responses_only=false"),
         (["output.save=[adapter,gguf]"], "the GGUF export of a vision model .* is not built yet"),
     ],
 )
@@ -111,6 +165,12 @@ def test_a_random_init_vision_model_trains_on_images_only():
         catalog.load("smoke", ["model.random_init.architecture=gemma3-vision"])
 
 
+def test_a_config_names_its_vision_tower_under_many_keys():
+    assert memory.takes_images({"vision_config": {"model_type": "idefics3_vision"}})  # sizes left to defaults
+    assert memory.takes_images({"img_processor": {"name": "clip_vision_model"}})  # Phi-3.5-vision
+    assert not memory.takes_images({"hidden_size": 64, "num_hidden_layers": 2, "text_config": {}})
+
+
 def test_images_for_a_model_whose_config_has_no_vision_tower_are_refused(tmp_path):
     model = tmp_path / "text-model"
     model.mkdir()
@@ -123,7 +183,13 @@ def test_images_for_a_model_whose_config_has_no_vision_tower_are_refused(tmp_pat
     }
     (model / "config.json").write_text(json.dumps(config))
     loaded = catalog.load(str(TINY), [f"model.name={model}", "model.random_init=null"])
-    with pytest.raises(BadInput, match=r"is a text-only model \(config.json of .* has no vision_config\)"):
+    with pytest.raises(BadInput, match=r"is a text-only model \(config.json of .* names no vision tower"):
+        plan_for({}, loaded, [])
+
+
+def test_a_quantized_vision_model_on_the_cpu_is_refused_before_launch():
+    loaded = catalog.load(HUB_RECIPES[0], ["allow_cpu=true"])
+    with pytest.raises(BadInput, match="model.load_in 4bit: a vision model on the CPU loads in 16 bits"):
         plan_for({}, loaded, [])
 
 
@@ -168,10 +234,15 @@ def test_the_memory_estimate_counts_the_vision_tower_and_its_adapters():
 
 
 def test_a_vision_tower_is_read_from_config_json_whatever_its_family_calls_its_sizes():
-    qwen2_vl = {"vision_config": {"embed_dim": 1280, "mlp_ratio": 4, "depth": 32}}
+    # Qwen2-VL's hidden_size is the language model's width; its tower's is embed_dim.
+    qwen2_vl = {"vision_config": {"embed_dim": 1280, "hidden_size": 3584, "mlp_ratio": 4, "depth": 32}}
+    qwen2_5_vl = {
+        "vision_config": {"hidden_size": 1280, "intermediate_size": 3420, "out_hidden_size": 3584, "depth": 32}
+    }
     gemma3 = {"vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27}}
     assert memory.vision_tower(qwen2_vl) == (1280, 5120, 32)
     assert memory.vision_tower(gemma3) == (1152, 4304, 27)
+    assert memory.vision_tower(qwen2_5_vl) == (1280, 3420, 32)
     assert memory.vision_tower({"hidden_size": 64}) is None
 
 
@@ -283,3 +354,84 @@ def test_an_image_for_a_text_run_is_refused(tmp_path):
     text_run = Run(tmp_path, catalog.load("smoke").recipe, trained=tmp_path / "adapter", checkpoint=None)
     with pytest.raises(BadInput, match="trained a text model .*, which takes no images; leave --image out"):
         followup.check_image(text_run, str(DATA / "images" / "red.png"))
+
+
+# ---- the GPU path, wired as Unsloth's API takes it (no GPU here: Unsloth's classes stand in)
+
+
+def parameters_of(module_file: str, cls: str, function: str) -> set[str]:
+    """The parameter names of an Unsloth method, from its source file (not imported)."""
+    import ast
+    import importlib.util
+
+    origin = importlib.util.find_spec("unsloth").origin
+    tree = ast.parse((Path(origin).parent / module_file).read_text())
+    klass = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    method = next(n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    return {a.arg for a in method.args.posonlyargs + method.args.args + method.args.kwonlyargs}
+
+
+def test_on_a_gpu_fast_vision_model_loads_it_and_lora_takes_the_recipes_parts(monkeypatch):
+    import torch
+    import unsloth
+
+    from trainer import models
+
+    calls: dict[str, dict] = {}
+
+    class Recorder:
+        @staticmethod
+        def from_pretrained(**kwargs):
+            calls["load"] = kwargs
+            return "model", "processor"
+
+        @staticmethod
+        def get_peft_model(model, **kwargs):
+            calls["peft"] = kwargs
+            return "model with LoRA"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(unsloth, "FastVisionModel", Recorder)
+    recipe = catalog.load("gemma-3-4b-vision-sft").recipe
+    assert models.load(recipe, "unsloth/gemma-3-4b-it", {"": 0}) == ("model with LoRA", "processor")
+    assert (calls["load"]["load_in_4bit"], calls["load"]["device_map"]) == (True, {"": 0})
+    peft = calls["peft"]
+    assert (peft["finetune_vision_layers"], peft["finetune_language_layers"]) == (False, True)
+    assert peft["target_modules"] is None, "every linear layer of the chosen parts"
+    # Every keyword is one that Unsloth's GPU functions take (read from their source: importing
+    # Unsloth's GPU modules here would patch transformers for the tests after this one).
+    assert set(calls["load"]) <= parameters_of("models/loader.py", "FastModel", "from_pretrained")
+    assert set(peft) <= parameters_of("models/vision.py", "FastBaseModel", "get_peft_model")
+
+
+def test_on_a_gpu_unsloths_vision_collator_renders_the_chats(monkeypatch):
+    import sys
+
+    import torch
+    import trl
+    import unsloth  # noqa: F401  (installs unsloth.trainer)
+
+    from trainer import methods
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sys.modules["unsloth.trainer"], "UnslothVisionDataCollator", lambda *a: made.append(a) or a)
+    assert methods.vision_collator("model", "processor") == ("model", "processor") and made
+    recipe = catalog.load(HUB_RECIPES[0]).recipe
+    config = trl.SFTConfig(output_dir="/tmp/unused", **methods.supervised_options(recipe))
+    assert config.dataset_kwargs == {"skip_prepare_dataset": True} and config.remove_unused_columns is False
+    assert methods.shared_arguments(recipe, Path("/tmp/unused"), "bf16")["ddp_find_unused_parameters"] is False
+
+
+@pytest.mark.e2e
+def test_generate_puts_the_image_through_the_processor(language_only_run):
+    from recipes.runs import Run
+    from trainer import generate
+
+    run = Run.read(language_only_run / "outputs" / "tiny-vision")
+    _, processor = generate.load(run)
+    turn = generate.vision_turn("What colour?", str(DATA / "images" / "red.png"))
+    inputs = processor.apply_chat_template(
+        [turn], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert "pixel_values" in inputs and inputs["pixel_values"].shape[-2:] == (56, 56)

@@ -14,6 +14,7 @@ Every row is checked with formats.check_row, so a bad row is named before traini
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,8 @@ def load_rows(
     if Path(source).exists() and fmt == "vision":
         # Read here, not by datasets: a chat's contents may mix text and lists of parts, which
         # Arrow cannot hold in one column; the shaped rows are uniform (see _vision).
-        rows = [
-            formats.renamed(row, columns or {}) for f in formats.data_files(Path(source)) for _, row in formats.rows(f)
-        ]
-        return rows[:max_samples] if max_samples is not None else rows
+        every = (row for f in formats.data_files(Path(source)) for _, row in formats.rows(f))
+        return [formats.renamed(row, columns or {}) for row in itertools.islice(every, max_samples)]
     if Path(source).exists():
         files = [str(p) for p in formats.data_files(Path(source))]
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[Path(files[0]).suffix.lower()]
@@ -130,6 +129,8 @@ def shape_row(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
 
 def _checked_and_shaped(raw, data: DataConfig, field: str, where: str):
     local = Path(where).exists()
+    if data.format == "vision" and not local:
+        raw = undecoded(raw)
     for number, row in enumerate(raw, start=1):
         formats.check_row(row, data.format, f"{field} {where} row {number}")
         if data.format == "vision" and local:
@@ -145,6 +146,18 @@ def _checked_and_shaped(raw, data: DataConfig, field: str, where: str):
         shaped = raw.map(lambda row: shape_row(row, data), remove_columns=raw.column_names)
     # Paths (local data) or images (a hub dataset's) alike: decoded to PIL images when read.
     return shaped.cast_column("images", datasets.Sequence(datasets.Image()))
+
+
+def undecoded(raw):
+    """A hub vision dataset whose images stay encoded ({"bytes", "path"}) while rows are checked and
+    shaped: decoding every image there (and encoding it again after map) would cost minutes."""
+    import datasets
+
+    feature = getattr(raw, "features", {}).get("images")
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.Image):
+        return raw.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
+    return raw
 
 
 def build(data: DataConfig, seed: int):

@@ -56,14 +56,15 @@ def auto_classes(vision: bool):
     return transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
 
-def merge(adapter: Path, dest: Path, trust_remote_code: bool, vision: bool = False) -> Path:
-    """The base model (the one the adapter was trained on) in 16 bits with the adapter merged in;
-    an image-text model's vision tower included, and its processor beside it."""
+def merge(run: Run, adapter: Path, dest: Path) -> Path:
+    """The base model (the one the adapter was trained on, in 16 bits: Run.merge_base) with the
+    adapter merged in; an image-text model's vision tower included, and its processor beside it."""
     import torch
     from peft import PeftModel
 
-    model_class, tokenizer_class = auto_classes(vision)
-    base_name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model_class, tokenizer_class = auto_classes(run.vision)
+    trust_remote_code = run.trust_remote_code
+    base_name = run.merge_base()
     base = model_class.from_pretrained(
         base_name, dtype=torch.bfloat16, device_map="cpu", trust_remote_code=trust_remote_code
     )
@@ -125,14 +126,12 @@ def export_run(run: Run, targets: list[tuple[str, tuple[str, ...]]], llama_cpp: 
             if kind == "adapter":
                 paths = [adapter_from_checkpoint(run)]
             elif kind == "merged_16bit":
-                merged_dir = merge(
-                    adapter_from_checkpoint(run), run.folder / "merged_16bit", run.trust_remote_code, run.vision
-                )
+                merged_dir = merge(run, adapter_from_checkpoint(run), run.folder / "merged_16bit")
                 paths = [merged_dir]
             else:
                 if merged_dir is None:  # GGUF alone: merge into scratch space, not merged_16bit/
                     adapter = adapter_from_checkpoint(run)
-                    merged_dir = merge(adapter, Path(scratch) / "merged", run.trust_remote_code)
+                    merged_dir = merge(run, adapter, Path(scratch) / "merged")
                 paths = gguf(merged_dir, run.folder / "gguf", str(run.recipe.name), quants, llama_cpp)
             seconds = round(time.time() - started, 2)
             records += [{"kind": kind, "path": str(p), "bytes": size_of(p), "seconds": seconds} for p in paths]

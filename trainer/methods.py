@@ -66,7 +66,7 @@ def every_weight_learns_every_step(recipe: Recipe) -> bool:
     Unsloth's reentrant gradient checkpointing, fails the first backward): LoRA that trains whole
     modules (below), and vision LoRA, since every row of data.format vision holds an image, so the
     tower's adapters see one every step."""
-    return trains_whole_modules(recipe) or recipe.data.format == "vision"
+    return trains_whole_modules(recipe) or (recipe.lora is not None and recipe.data.format == "vision")
 
 
 def no_arguments(recipe: Recipe) -> dict[str, Any]:

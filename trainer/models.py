@@ -18,13 +18,16 @@ LOADERS = {"text": "FastLanguageModel", "vision": "FastVisionModel"}  # unsloth'
 CHAT_FORMATS = ("messages", "instruction", "prompt")  # rendered with a chat template
 
 
-def resolve_model(recipe: Recipe, texts: list[str], out: Path) -> str:
-    """The folder or hub id to load; a random-init shape is built (once) under the output folder."""
+def resolve_model(recipe: Recipe, dataset, out: Path) -> str:
+    """The folder or hub id to load; a random-init shape is built (once) under the output folder,
+    its tokenizer trained on the dataset's text."""
     spec = recipe.model.random_init
     if spec is None:
         return recipe.model.name
     from trainer import random_model
+    from trainer.data import texts_of
 
+    texts = texts_of(dataset)
     corpus_key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     folder = random_model.folder_for(spec, corpus_key, recipe.model.max_seq_length, out / "random-model")
     return str(random_model.build(spec, texts, folder, recipe.model.max_seq_length))

@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     cuda = import_stack(job)
     # Data before the model: a bad row must stop the run before minutes of model loading.
     dataset, eval_dataset = data.build(job.recipe.data, job.recipe.training.seed)
-    model_name = models.resolve_model(job.recipe, data.texts_of(dataset), job.out)
+    model_name = models.resolve_model(job.recipe, dataset, job.out)
     models.check_chat_template(job.recipe, model_name)
     model, tokenizer = models.load(job.recipe, model_name, SPECS[job.mode].device_map(cuda, job.local_rank))
     trainer, record, stopper = build_trainer(job, model, tokenizer, dataset, eval_dataset)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Any
 
 WARMUP_STEPS = 5  # the first steps compile kernels and warm caches; steady numbers skip them
@@ -41,7 +42,9 @@ class CountingCollator:
 
     def __call__(self, features):
         batch = self.collator(features)
-        if isinstance(batch, dict):  # GRPO's batches are the raw rows: its trainer tokenizes as it generates
+        # A mapping (a dict, or a processor's BatchFeature); GRPO's batches are the raw rows: its
+        # trainer tokenizes as it generates.
+        if isinstance(batch, Mapping):
             self.tokens += sum(
                 int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and hasattr(v, "numel")
             )

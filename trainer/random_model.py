@@ -73,6 +73,19 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int, images: bool = False
     )
 
 
+def decoder_shape(spec: RandomInit, tokenizer, max_seq_length: int) -> dict[str, int]:
+    """The text decoder's sizes, as every architecture's config names them."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=max(2048, max_seq_length),
+    )
+
+
 def _gemma3_vision(spec: RandomInit, tokenizer, max_seq_length: int):
     """(config, processor) of a tiny Gemma 3 image-text model around the spec's text decoder."""
     from transformers import Gemma3Config, Gemma3Processor
@@ -87,14 +100,8 @@ def _gemma3_vision(spec: RandomInit, tokenizer, max_seq_length: int):
     )
     config = Gemma3Config(
         text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_hidden_layers,
-            num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.kv_heads,
+            **decoder_shape(spec, tokenizer, max_seq_length),
             head_dim=spec.hidden_size // spec.num_attention_heads,
-            max_position_embeddings=max(2048, max_seq_length),
             sliding_window=max_seq_length,
         ),
         vision_config=dict(TINY_VISION_TOWER),
@@ -139,13 +146,7 @@ def build(
             config, processor = _gemma3_vision(spec, tokenizer, max_seq_length)
         else:
             config = LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=spec.hidden_size,
-                intermediate_size=spec.intermediate_size,
-                num_hidden_layers=spec.num_hidden_layers,
-                num_attention_heads=spec.num_attention_heads,
-                num_key_value_heads=spec.kv_heads,
-                max_position_embeddings=max(2048, max_seq_length),
+                **decoder_shape(spec, tokenizer, max_seq_length),
                 tie_word_embeddings=False,
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
