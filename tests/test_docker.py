@@ -363,6 +363,22 @@ def test_two_process_ddp_on_the_cpu_trains_inside_the_container(image, tmp_path,
     assert (m["mode"], m["world_size"]) == ("ddp", 2)
 
 
+def test_a_vision_recipe_trains_and_generates_inside_the_container(image, tmp_path, work):
+    """The tiny image-text model of tests/recipes/tiny-vision.yaml, its bundled images mounted: the
+    image's own stack (its transformers, with torchvision) renders the chats, processes the images
+    and trains; then answers a question about an image."""
+    outputs = mkdir_outputs(tmp_path)
+    tests = f"-v {ROOT / 'tests'}:/workspace/tests:ro"
+    line = with_flags(work(smoke_line()), tests).removesuffix(" smoke")
+    done = sh(f"{line} /workspace/tests/recipes/tiny-vision.yaml training.max_steps=10", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = metrics(outputs / "tiny-vision")
+    assert (m["steps"], m["device"]) == (10, "cpu") and m["final_loss"] < m["first_loss"]
+    question = "generate tiny-vision --prompt 'What colour?' --image /workspace/tests/data/vision/images/red.png"
+    done = sh(f"{line} {question} --max-new-tokens 4", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_the_readmes_export_llama_cpp_and_generate_lines_work_on_a_finished_run(image, tmp_path, work):
     """After the smoke line (10 steps here): export to a merged model and GGUF files, quantized to
     q4_k_m by the image's llama.cpp, which then loads the file and generates; then generate."""
