@@ -25,7 +25,6 @@ from recipes.runs import Run
 # Bytes per parameter of each GGUF type (llama.cpp's block sizes), for the disk check.
 GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q6_k": 0.82, "q5_k_m": 0.72, "q5_0": 0.69,
               "q4_k_m": 0.6, "q4_k_s": 0.57, "q4_0": 0.57, "q3_k_m": 0.49, "q2_k": 0.33}  # fmt: skip
-MERGE_MEMORY_FACTOR = 1.3  # the 16-bit model, and what merging and saving hold beside it
 
 
 def find_run(target: str, request: Request, cwd: str) -> Run:
@@ -101,7 +100,7 @@ def export_plan(request: Request, run: Run, targets: list[tuple[str, tuple[str, 
     params = parameters(host)
     merging = not run.recipe.model.full_finetuning and bool(set(kinds) & {"merged_16bit", "gguf"})
     if params is not None and merging and host.ram_available_gib is not None:
-        needed = round(params * 2 * MERGE_MEMORY_FACTOR / memory.GIB, 1)
+        needed = memory.merge_memory_gib(params)
         if needed > host.ram_available_gib:
             raise BadInput(
                 f"merging {run.recipe.name} loads its {params / 1e9:.1f}B-parameter base in 16 bits on the CPU: "

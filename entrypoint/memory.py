@@ -43,6 +43,7 @@ LINEAR_BYTES = {"4bit": 0.53, "8bit": 1.03, "16bit": 2.0}
 ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN = 56
 KV_BYTES = 2  # a 16-bit key or value element of the generation cache (GRPO)
 CUDA_OVERHEAD_GIB = 1.0  # context, cuBLAS workspace, allocator slack
+MERGE_MEMORY_FACTOR = 1.3  # a merge holds the 16-bit model and, while saving, about a third more
 USABLE_FRACTION = 0.92  # never plan to fill a GPU to the last byte
 # Unsloth's native FSDP2 keeps the frozen weights replicated and shards only the trainable state
 # while the model takes at most this share of one GPU (its "fit" layout: plan_fsdp2_layout in
@@ -296,6 +297,11 @@ def per_gpu_gib(est: Estimate, mode: Mode, processes: int, gpus: int, gpu_memory
             held = (est.weights_gib + est.trainable_gib) / processes + FSDP_GATHERED_BLOCKS * block
         return round(held + fixed, 2)
     return est.total_gib
+
+
+def merge_memory_gib(params: float) -> float:
+    """CPU memory a merged export needs: the base in 16 bits, and what merging and saving hold beside it."""
+    return round(params * 2 * MERGE_MEMORY_FACTOR / GIB, 1)
 
 
 def fits(total_gib: float, memory_gib: float | None) -> bool:

@@ -183,7 +183,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
         env_unset=list(request.consumed),
         memory=est.as_dict() | {"per_gpu_gib": per_gpu},
         disk_gib=disk_needed_gib(est, loaded),
-        warnings=memory_warnings(est, mode, chosen, per_gpu),
+        warnings=memory_warnings(est, mode, chosen, per_gpu) + merge_warnings(recipe, est, host.ram_available_gib),
         files=files,
         generation=generation,
     )
@@ -242,6 +242,20 @@ def resolve_generation(recipe: Recipe, gpu: bool, vllm: bool) -> tuple[Recipe, s
     chosen = grpo.generation if grpo.generation != "auto" else ("vllm" if gpu and vllm else "transformers")
     training = recipe.training.model_copy(update={"grpo": grpo.model_copy(update={"generation": chosen})})
     return recipe.model_copy(update={"training": training}), chosen
+
+
+def merge_warnings(recipe: Recipe, est: memory.Estimate, ram_gib: float | None) -> list[str]:
+    """output.save's merged / GGUF exports merge on the CPU at the end: say now if memory is short
+    (the adapter is saved first either way, and `export` can redo the rest on a bigger machine)."""
+    if est.params_b is None or ram_gib is None or not set(recipe.output.save) & {"merged_16bit", "gguf"}:
+        return []
+    needed = memory.merge_memory_gib(est.params_b * 1e9)
+    if needed <= ram_gib:
+        return []
+    return [
+        f"output.save merges the {est.params_b:g}B-parameter model on the CPU at the end: ~{needed} GiB of memory, "
+        f"but {ram_gib:.1f} GiB is available now; the adapter is saved first, and export can merge it elsewhere"
+    ]
 
 
 def memory_warnings(est: memory.Estimate, mode: Mode, chosen: list[Gpu], per_gpu: float | None) -> list[str]:

@@ -233,3 +233,19 @@ def test_the_child_finds_the_project_first_and_once_on_pythonpath():
     # The image sets PYTHONPATH to the project root itself; a user's own entries follow it.
     assert make({"PYTHONPATH": root}, []).env["PYTHONPATH"] == root
     assert make({"PYTHONPATH": f"/mine:{root}"}, []).env["PYTHONPATH"] == f"{root}:/mine"
+
+
+@pytest.mark.parametrize(("ram_gib", "warned"), [(4.0, True), (64.0, False)])
+def test_a_recipe_that_merges_at_the_end_is_warned_when_memory_is_short(ram_gib, warned):
+    import dataclasses
+
+    from entrypoint import environment, host
+
+    loaded = catalog.load("llama-3.2-3b-lora-alpaca")  # output.save: [adapter, merged_16bit]
+    facts = host.gather({"HF_HUB_OFFLINE": "1"}, loaded.recipe, "/work", ask_hub=False)
+    facts = dataclasses.replace(facts, gpus=gpus.assumed("1x80"), ram_available_gib=ram_gib)
+    p = plan.make(environment.read({}), loaded, facts)
+    merge = [w for w in p.warnings if "output.save merges the 3B-parameter model on the CPU" in w]
+    assert bool(merge) == warned, p.warnings
+    if warned:
+        assert "~7.3 GiB of memory, but 4.0 GiB is available now" in merge[0]
