@@ -42,6 +42,9 @@ LINEAR_BYTES = {"4bit": 0.53, "8bit": 1.03, "16bit": 2.0}
 # Activations per token per unit of hidden size, with Unsloth's offloaded checkpointing.
 ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN = 56
 KV_BYTES = 2  # a 16-bit key or value element of the generation cache (GRPO)
+# Known only by its parameter count: the generation cache per token of an 8B model (32 layers x 8
+# KV heads x 128 x key and value x 16 bits, Llama 3.1 8B's), growing like the activations.
+KV_BYTES_PER_TOKEN_8B = 32 * 8 * 128 * 2 * KV_BYTES
 CUDA_OVERHEAD_GIB = 1.0  # context, cuBLAS workspace, allocator slack
 MERGE_MEMORY_FACTOR = 1.3  # a merge holds the 16-bit model and, while saving, about a third more
 USABLE_FRACTION = 0.92  # never plan to fill a GPU to the last byte
@@ -275,6 +278,8 @@ def estimate(recipe: Recipe, config: Mapping | None = None, config_source: str =
         trainable = params * LORA_SHARE_AT_R16 * (recipe.lora.r / 16) * TRAINABLE_BYTES
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * ACTIVATION_BYTES_PER_TOKEN_1B * math.sqrt(max(params_b, 0.001) / 1.1)
+    if getattr(training, "grpo", None) is not None:  # as estimate_from_shape, by the parameter count
+        activations += tokens * KV_BYTES_PER_TOKEN_8B * math.sqrt(max(params_b, 0.001) / 8)
     return _estimate(params_b, weights, trainable, activations, source)
 
 

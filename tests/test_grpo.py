@@ -139,3 +139,11 @@ def test_grpo_trains_and_the_mean_reward_rises(tmp_path, processes):
     first, last = sum(rewards_by_step[:3]) / 3, sum(rewards_by_step[-3:]) / 3
     assert last > first + 0.15, rewards_by_step  # the letter a's share of each completion grows
     assert len(set(m["trainable_fingerprints"])) == 1 and m["tokens"] > 0
+
+
+def test_a_grpo_model_known_only_by_its_name_is_estimated_with_its_generation_cache():
+    grpo = catalog.load("qwen3-4b-grpo-gsm8k").recipe
+    sft = catalog.load("qwen3-4b-grpo-gsm8k", ["training.method=sft", "training.grpo=null", "data.format=messages"])
+    with_cache, without = memory.estimate(grpo), memory.estimate(sft.recipe)
+    assert with_cache.source == without.source == "model name 'unsloth/Qwen3-4B'"
+    assert with_cache.activations_gib > without.activations_gib
