@@ -28,7 +28,8 @@ REQUIRED: dict[str, tuple[tuple[str, ...], str]] = {
     "vision": (
         (),
         '{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, '
-        '{"role": "assistant", "content": "..."}], "images": ["images/1.png"]} (paths relative to data.source)',
+        '{"role": "assistant", "content": "..."}], "images": ["images/1.png"]} (paths relative to data.source; '
+        'or one "image")',
     ),
 }
 
@@ -69,7 +70,7 @@ def row_problem(row: Any, fmt: str) -> str | None:
         if not any(m["role"] == "assistant" for m in messages):
             return "field 'messages' has no assistant turn to learn from"
     if fmt == "vision":
-        images = row.get("images")
+        images = images_of(row)
         if not isinstance(images, list) or not images:
             return "field 'images' is missing or not a non-empty list of images"
         for i, image in enumerate(images):
@@ -79,6 +80,13 @@ def row_problem(row: Any, fmt: str) -> str | None:
         if slots and slots != len(images):
             return f"has {slots} image parts in its messages but {len(images)} images; give one image per part"
     return None
+
+
+def images_of(row: dict[str, Any]) -> Any:
+    """A vision row's images: its list `images`, or its one `image` (as many hub datasets hold it)."""
+    if "images" not in row and "image" in row:
+        return [row["image"]]
+    return row.get("images")
 
 
 def _is_image(image: Any) -> bool:
@@ -111,7 +119,7 @@ def image_root(source: Path) -> Path:
 
 def image_problem(row: dict[str, Any], root: Path) -> str | None:
     """A local vision row's image paths (relative to `root`) must name files; None when they do."""
-    for i, image in enumerate(row["images"]):
+    for i, image in enumerate(images_of(row)):
         if isinstance(image, str) and not (root / image).is_file():
             return f"images[{i}] {image!r} is not a file (under {root})"
     return None

@@ -121,6 +121,22 @@ def test_a_hub_vision_dataset_is_checked_and_shaped_without_decoding_its_images(
     assert [(p["type"], p["text"]) for p in first["messages"][1]["content"]] == [("text", "Red.")]
 
 
+def test_a_hub_dataset_with_one_image_column_trains_as_one_image_per_chat():
+    import datasets
+    from PIL import Image
+
+    from trainer import data
+
+    rows = {
+        "messages": [[{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Red."}]] * 2,
+        "image": [Image.open(DATA / "images" / "red.png")] * 2,
+    }
+    hub = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    shaped = data._checked_and_shaped(hub, vision_data("org/one-image"), "data.source", "org/one-image")
+    assert [image.size for image in shaped[0]["images"]] == [(24, 24)]
+    assert [p["type"] for p in shaped[0]["messages"][0]["content"]] == ["image", "text"]
+
+
 # ---- refused before anything loads
 
 

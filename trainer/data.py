@@ -102,7 +102,7 @@ def _vision(row: dict[str, Any], data: DataConfig) -> dict[str, Any]:
     """A chat with images. Without image parts the images go before the first user turn's text;
     a local dataset's image paths become absolute (relative to data.source)."""
     messages = [{"role": m["role"], "content": _parts(m["content"])} for m in row["messages"]]
-    images = list(row["images"])
+    images = list(formats.images_of(row))
     if not any(part["type"] == "image" for m in messages for part in m["content"]):
         first = next((m for m in messages if m["role"] == "user"), messages[0])
         first["content"][:0] = [{"type": "image", "text": None} for _ in images]
@@ -153,10 +153,12 @@ def undecoded(raw):
     shaped: decoding every image there (and encoding it again after map) would cost minutes."""
     import datasets
 
-    feature = getattr(raw, "features", {}).get("images")
-    inner = getattr(feature, "feature", None)
+    features = getattr(raw, "features", {})
+    inner = getattr(features.get("images"), "feature", None)
     if isinstance(inner, datasets.Image):
         return raw.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
+    if isinstance(features.get("image"), datasets.Image):
+        return raw.cast_column("image", datasets.Image(decode=False))
     return raw
 
 
