@@ -3,7 +3,7 @@ it and this machine, and plan ONE process (python -m trainer.export / trainer.ge
 launch.py then starts like any other plan.
 
     export RUN_DIR|RECIPE --to adapter|merged_16bit|gguf[:QUANT,...] ...
-    generate RUN_DIR|RECIPE [--prompt TEXT] [--max-new-tokens N] [--temperature T]
+    generate RUN_DIR|RECIPE [--prompt TEXT] [--image FILE] [--max-new-tokens N] [--temperature T]
 
 A run is named by its output folder or by the recipe that ran (its folder: output.dir, else
 OUTPUTS_DIR/<name>). Merging happens on the CPU in 16 bits, so the memory and the disk it needs

@@ -25,7 +25,7 @@ from entrypoint.host import Host
 from recipes import catalog, exports, modes
 from recipes.catalog import LoadedRecipe, to_yaml
 from recipes.errors import BadInput
-from recipes.methods import METHODS
+from recipes.methods import FORMAT_REFUSED_MODES, METHODS, refuse_quantized_vision_on_cpu
 from recipes.modes import SPECS, Mode
 from recipes.schema import Recipe
 
@@ -141,7 +141,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     modes.refuse_fsdp_switch(mode, request.fsdp_switch)
     refuse_method_in_mode(recipe, mode)
     refuse_images_for_a_text_model(recipe, host.model_config, host.model_config_source)
-    refuse_quantized_vision_on_cpu(recipe, bool(chosen))
+    refuse_quantized_vision_on_cpu(recipe.data.format, recipe.model.load_in, gpu=bool(chosen))
     recipe, generation = resolve_generation(recipe, bool(chosen), host.vllm_installed)
     one_gpu = chosen[0].memory_gib if chosen else None
     per_gpu = memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu)
@@ -192,18 +192,18 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
 
 
 def refuse_method_in_mode(recipe: Recipe, mode: Mode) -> None:
-    if recipe.data.format == "vision" and mode == "fsdp":
-        raise BadInput(
-            "data.format vision cannot train under PARALLELISM=fsdp: Unsloth's FSDP2 shards text decoders, "
-            "and a vision model's tower is not among them; use PARALLELISM=ddp (one whole model per GPU), "
-            "or model for a model too big for one GPU"
-        )
-    method = METHODS[recipe.training.method]
-    if mode in method.refused_modes:
-        raise BadInput(
-            f"training.method {method.name} cannot train under PARALLELISM={mode}: {method.why_refused}; use "
-            f"PARALLELISM=ddp (one whole model per GPU), or model for a model too big for one GPU"
-        )
+    """A data format or a method that cannot train in this mode (recipes/methods.py's tables)."""
+    fmt, method = recipe.data.format, METHODS[recipe.training.method]
+    format_modes, format_why = FORMAT_REFUSED_MODES.get(fmt, ((), ""))
+    for what, refused, why in (
+        (f"data.format {fmt}", format_modes, format_why),
+        (f"training.method {method.name}", method.refused_modes, method.why_refused),
+    ):
+        if mode in refused:
+            raise BadInput(
+                f"{what} cannot train under PARALLELISM={mode}: {why}; use PARALLELISM=ddp (one whole model per "
+                f"GPU), or model for a model too big for one GPU"
+            )
 
 
 def refuse_images_for_a_text_model(recipe: Recipe, config: Mapping | None, source: str) -> None:
@@ -216,15 +216,6 @@ def refuse_images_for_a_text_model(recipe: Recipe, config: Mapping | None, sourc
             f"no vision_config); "
             f"pick an image-text model (e.g. unsloth/Qwen2.5-VL-7B-Instruct), or train on text with "
             f"data.format messages"
-        )
-
-
-def refuse_quantized_vision_on_cpu(recipe: Recipe, gpu: bool) -> None:
-    """On the CPU a vision model loads through transformers in 16 bits (trainer/models.py)."""
-    if recipe.data.format == "vision" and not gpu and recipe.model.load_in != "16bit":
-        raise BadInput(
-            f"model.load_in {recipe.model.load_in}: a vision model on the CPU loads in 16 bits; "
-            f"set model.load_in=16bit, or train on a GPU"
         )
 
 

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from recipes.errors import BadInput
+
 # data.format names and what a row of each holds (recipes/formats.py checks rows)
 DATA_FORMATS = ("messages", "instruction", "text", "preference", "prompt", "vision")
 
@@ -83,6 +85,21 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+# Data formats that cannot train in a mode, and why: refused before launch, as a method's refused_modes.
+FORMAT_REFUSED_MODES: dict[str, tuple[tuple[str, ...], str]] = {
+    "vision": (("fsdp",), "Unsloth's FSDP2 shards text decoders, and a vision model's tower is not among them"),
+}
+
+
+def refuse_quantized_vision_on_cpu(fmt: str, load_in: str, gpu: bool) -> None:
+    """On the CPU a vision model loads through transformers, in 16 bits (trainer/models.py)."""
+    if fmt == "vision" and not gpu and load_in != "16bit":
+        raise BadInput(
+            f"model.load_in {load_in}: a vision model on the CPU loads in 16 bits; "
+            f"set model.load_in=16bit, or train on a GPU"
+        )
+
 
 # Keys that moved; a recipe that still uses one is refused with its new place.
 MOVED_KEYS = {"training.dpo_beta": "training.dpo.beta"}

@@ -88,7 +88,10 @@ class Run:
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint-N folder with the highest N (training resumes from it; export falls back to it)."""
     steps = [
-        (int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+        (int(m.group(1)), p)
+        for p in folder.glob("checkpoint-*")
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
     ]
     return max(steps)[1] if steps else None

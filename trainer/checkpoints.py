@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recipes import runs
 from recipes.errors import BadInput
 
 
 def newest_checkpoint(folder: Path, max_steps: int) -> str | None:
-    """The checkpoint to resume from; BadInput when it is already at or past max_steps."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    newest = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    """The checkpoint to resume from (recipes/runs.py's rule, as export's); BadInput when it is
+    already at or past max_steps."""
+    found = runs.newest_checkpoint(folder)
+    newest = str(found) if found is not None else None
     if newest and max_steps > 0 and int(newest.rsplit("-", 1)[-1]) >= max_steps:
         raise BadInput(
             f"{newest} is already at or past training.max_steps={max_steps}: nothing left to train. "

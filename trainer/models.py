@@ -12,6 +12,7 @@ import hashlib
 from pathlib import Path
 
 from recipes.errors import BadInput, closest
+from recipes.methods import refuse_quantized_vision_on_cpu
 from recipes.schema import DEFAULT_TARGET_MODULES, VISION_PARTS, Recipe
 
 LOADERS = {"text": "FastLanguageModel", "vision": "FastVisionModel"}  # unsloth's class for each kind of model
@@ -140,11 +141,7 @@ def load_vision_on_cpu(recipe: Recipe, model_name: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     m, t = recipe.model, recipe.training
-    if m.load_in != "16bit":
-        raise BadInput(
-            f"model.load_in {m.load_in}: a vision model on the CPU loads in 16 bits; "
-            f"set model.load_in=16bit, or train on a GPU"
-        )
+    refuse_quantized_vision_on_cpu(recipe.data.format, m.load_in, gpu=False)  # the launcher refused it already
     dtype = torch.float32 if m.dtype == "auto" else getattr(torch, m.dtype)
     model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=dtype, trust_remote_code=m.trust_remote_code)
     processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=m.trust_remote_code)
