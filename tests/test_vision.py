@@ -354,11 +354,14 @@ def test_generate_answers_a_question_about_an_image_with_the_trained_model(langu
     [
         (["export", "{run}", "--to", "gguf:q8_0"], r"export --to gguf of run tiny-vision: it trained a vision model"),
         (["generate", "{run}", "--prompt", "Hi", "--image", "gone.png"], r"--image 'gone.png' is not a file"),
+        (["generate", "{run}", "--prompt", "Hi", "--image", "{text}"], r"--image '.*notes.png' is not an image PIL"),
     ],
 )
 def test_what_a_vision_run_cannot_do_yet_is_refused_with_the_fix(language_only_run, args, message):
     run = language_only_run / "outputs" / "tiny-vision"
-    done = run_cli(*[a.format(run=run) for a in args], cwd=language_only_run)
+    text = language_only_run / "notes.png"  # a text file, named like an image
+    text.write_text("not an image\n")
+    done = run_cli(*[a.format(run=run, text=text) for a in args], cwd=language_only_run)
     assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
     assert "Traceback" not in done.stderr
 
