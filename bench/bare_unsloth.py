@@ -33,7 +33,7 @@ model = FastLanguageModel.get_peft_model(
     random_state=settings.SEED,
 )
 dataset = datasets.load_dataset("json", data_files=data_file, split="train")
-recorder = progress.make_recorder()
+recorder = progress.Recorder()
 trainer = SFTTrainer(
     model=model,
     processing_class=tokenizer,

@@ -46,7 +46,7 @@ model = get_peft_model(
     ),
 )
 dataset = datasets.load_dataset("json", data_files=data_file, split="train")
-recorder = progress.make_recorder()
+recorder = progress.Recorder()
 config = SFTConfig(
     **settings.sft_config_kwargs("/tmp/bench-plain-hf", steps),
     gradient_checkpointing=True,

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from recipes.catalog import DEFAULT_OUTPUTS_DIR
 from recipes.errors import BadInput, closest
 from recipes.modes import FSDP_SWITCH, OFF_WORDS, SPECS, Mode
+from recipes.runs import DEFAULT_OUTPUTS_DIR
 
 Parallelism = Literal["auto"] | Mode
 

@@ -20,7 +20,8 @@ from entrypoint.host import Host
 from entrypoint.plan import Plan, child_env
 from recipes import catalog, exports
 from recipes.errors import BadInput
-from recipes.runs import Run
+from recipes.formats import NO_GGUF_WITH_IMAGES
+from recipes.runs import Run, folder_of, launch_dir
 
 # Bytes per parameter of each GGUF type (llama.cpp's block sizes), for the disk check.
 GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q6_k": 0.82, "q5_k_m": 0.72, "q5_0": 0.69,
@@ -32,7 +33,7 @@ def find_run(target: str, request: Request, cwd: str) -> Run:
     folder = Path(target).expanduser()
     if not folder.is_dir():
         recipe = catalog.load(target).recipe
-        folder = catalog.output_dir(recipe, request.outputs_dir, cwd)
+        folder = folder_of(recipe, request.outputs_dir, cwd)
         if not folder.is_dir():
             raise BadInput(
                 f"recipe {recipe.name} has not run here yet: {str(folder)!r} does not exist; run it first "
@@ -43,10 +44,9 @@ def find_run(target: str, request: Request, cwd: str) -> Run:
 
 def refuse_untrained(run: Run) -> None:
     if run.trained is None and run.checkpoint is None:
-        kind = "model/" if run.recipe.model.full_finetuning else "adapter/"
         raise BadInput(
-            f"run {str(run.folder)!r} has no {kind} and no checkpoint: its training never got to save one; "
-            f"train it first (python -m entrypoint run {run.recipe.name})"
+            f"run {str(run.folder)!r} has no {run.weights.name}/ and no checkpoint: its training never got to save "
+            f"one; train it first (python -m entrypoint run {run.recipe.name})"
         )
 
 
@@ -54,10 +54,7 @@ def refuse_gguf_of_vision(run: Run) -> None:
     """llama.cpp takes an image-text model as two files (the language model, and the vision tower
     as an mmproj file), which the GGUF export does not make yet."""
     if run.vision:
-        raise BadInput(
-            f"export --to gguf of run {run.recipe.name}: it trained a vision model, whose GGUF export (the model "
-            f"and its mmproj file) is not built yet; export --to merged_16bit, which llama.cpp's converter takes"
-        )
+        raise BadInput(f"export --to gguf of run {run.recipe.name}: it trained a vision model; {NO_GGUF_WITH_IMAGES}")
 
 
 def check_image(run: Run, image: str | None) -> None:
@@ -128,8 +125,7 @@ def generate_plan(request: Request, run: Run, host: Host, options: list[str], im
     check_image(run, image)
     if image is not None:
         options = [*options, f"--image={Path(image).resolve()}"]
-    merged = run.folder / ("model" if run.recipe.model.full_finetuning else "merged_16bit")
-    if not (merged / "config.json").is_file():
+    if run.whole_model is None:
         refuse_untrained(run)
     command = ["-m", "trainer.generate", "--run", str(run.folder), *options]
     where = f"GPUs {','.join(g.id for g in host.gpus)}" if host.gpus else "the CPU"
@@ -141,7 +137,7 @@ def one_process(
 ) -> Plan:
     return Plan(
         recipe=str(run.recipe.name),
-        recipe_file=str(run.folder / "launch"),
+        recipe_file=str(launch_dir(run.folder)),
         mode="single",
         reason=reason,
         device="cuda" if gpus else "cpu",

@@ -239,7 +239,7 @@ def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
     # Image tokens sit in the sequence beside the text, so max_seq_length bounds both.
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * shape.hidden * ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN
-    if getattr(training, "grpo", None) is not None:
+    if training.grpo is not None:
         # GRPO generates each step's completions first: a 16-bit KV cache for every sequence of the batch.
         activations += tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * KV_BYTES
     return _estimate(params / 1e9, weights, trainable, activations, source, shape.layers)
@@ -278,7 +278,7 @@ def estimate(recipe: Recipe, config: Mapping | None = None, config_source: str =
         trainable = params * LORA_SHARE_AT_R16 * (recipe.lora.r / 16) * TRAINABLE_BYTES
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * ACTIVATION_BYTES_PER_TOKEN_1B * math.sqrt(max(params_b, 0.001) / 1.1)
-    if getattr(training, "grpo", None) is not None:  # as estimate_from_shape, by the parameter count
+    if training.grpo is not None:  # as estimate_from_shape, by the parameter count
         activations += tokens * KV_BYTES_PER_TOKEN_8B * math.sqrt(max(params_b, 0.001) / 8)
     return _estimate(params_b, weights, trainable, activations, source)
 

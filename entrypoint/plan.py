@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from entrypoint import memory
+from entrypoint import memory, refusals
 from entrypoint.decide import decide
 from entrypoint.environment import Cluster, Request
 from entrypoint.gpus import Gpu
 from entrypoint.host import Host
-from recipes import catalog, exports, modes
 from recipes.catalog import LoadedRecipe, to_yaml
-from recipes.errors import BadInput
-from recipes.methods import FORMAT_REFUSED_MODES, METHODS, refuse_quantized_vision_on_cpu
 from recipes.modes import SPECS, Mode
+from recipes.runs import folder_of, launch_dir
 from recipes.schema import Recipe
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -133,24 +130,18 @@ def child_env(mode: Mode, gpus: list[Gpu], pythonpath: str) -> dict[str, str]:
 
 def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     recipe = loaded.recipe
-    quants = exports.recipe_quants(recipe)
-    exports.refuse_missing_llama_cpp(quants, host.llama_cpp_folder, host.llama_cpp_parts, "output.save asks for gguf")
     est = memory.estimate(recipe, host.model_config, host.model_config_source)
     decision = decide(request, loaded, host.gpus, est)
     mode, chosen, processes = decision.mode, decision.gpus, decision.processes
-    modes.refuse_fsdp_switch(mode, request.fsdp_switch)
-    refuse_method_in_mode(recipe, mode)
-    refuse_images_for_a_text_model(recipe, host.model_config, host.model_config_source)
-    refuse_quantized_vision_on_cpu(recipe.data.format, recipe.model.load_in, gpu=bool(chosen))
+    refusals.check(request, recipe, host, mode, gpu=bool(chosen))
     recipe, generation = resolve_generation(recipe, bool(chosen), host.vllm_installed)
     one_gpu = chosen[0].memory_gib if chosen else None
     per_gpu = memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu)
     precision = mixed_precision(recipe.model.dtype, chosen)
-    out = catalog.output_dir(recipe, request.outputs_dir, host.cwd)
+    out = folder_of(recipe, request.outputs_dir, host.cwd)
     cluster = request.cluster
-    # Machines of one job may share the output folder: each writes its own launch files.
-    launch_dir = out / "launch" / (f"node-{cluster.node_rank}" if cluster.nnodes > 1 else "")
-    recipe_file = launch_dir / "recipe.yaml"
+    launch = launch_dir(out, cluster.node_rank, cluster.nnodes)
+    recipe_file = launch / "recipe.yaml"
     resolved = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(out)})})
 
     program = ["-m", TRAIN_MODULE, "--recipe", str(recipe_file), "--mode", mode, "--mixed-precision", precision]
@@ -158,7 +149,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     config = None
     if SPECS[mode].multi_process:
         config = accelerate_config(processes, chosen, precision, cluster)
-        config_file = launch_dir / "accelerate_config.yaml"
+        config_file = launch / "accelerate_config.yaml"
         files[str(config_file)] = yaml.safe_dump(config, sort_keys=False)
         command = [host.python, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *program]
     else:
@@ -187,49 +178,16 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
         files=files,
         generation=generation,
     )
-    files[str(launch_dir / "plan.json")] = json.dumps(plan.as_json(), indent=2) + "\n"
+    files[str(launch / "plan.json")] = json.dumps(plan.as_json(), indent=2) + "\n"
     return plan
-
-
-def refuse_method_in_mode(recipe: Recipe, mode: Mode) -> None:
-    """A data format or a method that cannot train in this mode (recipes/methods.py's tables)."""
-    fmt, method = recipe.data.format, METHODS[recipe.training.method]
-    format_modes, format_why = FORMAT_REFUSED_MODES.get(fmt, ((), ""))
-    for what, refused, why in (
-        (f"data.format {fmt}", format_modes, format_why),
-        (f"training.method {method.name}", method.refused_modes, method.why_refused),
-    ):
-        if mode in refused:
-            raise BadInput(
-                f"{what} cannot train under PARALLELISM={mode}: {why}; use PARALLELISM=ddp (one whole model per "
-                f"GPU), or model for a model too big for one GPU"
-            )
-
-
-def refuse_images_for_a_text_model(recipe: Recipe, config: Mapping | None, source: str) -> None:
-    """data.format vision on a model whose config.json has no vision tower (where it was found)."""
-    if recipe.data.format != "vision" or config is None or recipe.model.random_init is not None:
-        return
-    if not memory.takes_images(config):
-        raise BadInput(
-            f"data.format vision, but {recipe.model.name} is a text-only model ({source} names no vision tower: "
-            f"no vision_config); "
-            f"pick an image-text model (e.g. unsloth/Qwen2.5-VL-7B-Instruct), or train on text with "
-            f"data.format messages"
-        )
 
 
 def resolve_generation(recipe: Recipe, gpu: bool, vllm: bool) -> tuple[Recipe, str | None]:
     """grpo's generation backend, decided here and written into the launched recipe: vLLM (Unsloth's
     fast_inference) on GPUs where it is installed, else transformers' generate."""
-    grpo = getattr(recipe.training, "grpo", None)
+    grpo = recipe.training.grpo
     if grpo is None:
         return recipe, None
-    if grpo.generation == "vllm" and not (gpu and vllm):
-        raise BadInput(
-            f"training.grpo.generation=vllm, but vLLM {'is not installed here' if not vllm else 'needs a GPU'}; "
-            f"set training.grpo.generation=auto (vLLM where it can run, else transformers) or transformers"
-        )
     chosen = grpo.generation if grpo.generation != "auto" else ("vllm" if gpu and vllm else "transformers")
     training = recipe.training.model_copy(update={"grpo": grpo.model_copy(update={"generation": chosen})})
     return recipe.model_copy(update={"training": training}), chosen

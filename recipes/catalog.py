@@ -23,7 +23,6 @@ from recipes.methods import METHODS, MOVED_KEYS
 from recipes.schema import SAFE_NAME, Recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent
-DEFAULT_OUTPUTS_DIR = "outputs"  # OUTPUTS_DIR's default: runs go to ./outputs/<recipe name>
 
 
 @dataclass(frozen=True)
@@ -218,7 +217,7 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Load
     for field, value in (("data.source", source), ("data.eval_split", eval_split)):
         if value is not None and Path(value).exists():
             formats.check_local_file(Path(value), recipe.data.format, field=field, columns=recipe.data.columns)
-    grpo = getattr(recipe.training, "grpo", None)
+    grpo = recipe.training.grpo
     if grpo is not None:
         reward_file = grpo.reward_file and _absolute_if_local(grpo.reward_file, base)
         rewards.check(grpo.rewards, reward_file)
@@ -226,13 +225,6 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Load
             grpo = grpo.model_copy(update={"reward_file": reward_file})
             recipe = recipe.model_copy(update={"training": recipe.training.model_copy(update={"grpo": grpo})})
     return LoadedRecipe(recipe=recipe, path=path, overrides=tuple(overrides))
-
-
-def output_dir(recipe: Recipe, outputs_dir: str | None, cwd: str | Path) -> Path:
-    """Where a run writes: output.dir, else OUTPUTS_DIR/<recipe name>; relative to cwd."""
-    configured = recipe.output.dir
-    path = Path(configured) if configured else Path(outputs_dir or DEFAULT_OUTPUTS_DIR) / str(recipe.name)
-    return path if path.is_absolute() else Path(cwd) / path
 
 
 def to_yaml(recipe: Recipe) -> str:

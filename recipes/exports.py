@@ -16,12 +16,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from recipes.errors import BadInput, closest
-
-if TYPE_CHECKING:
-    from recipes.schema import Recipe
 
 QUANTIZERS = ("llama-quantize", "quantize")
 CONVERTER = "convert_hf_to_gguf.py"
@@ -86,12 +82,8 @@ def refuse_missing_llama_cpp(
         )
 
 
-def recipe_quants(recipe: Recipe) -> tuple[str, ...]:
-    """The GGUF types output.save asks for (none without gguf)."""
-    return (recipe.output.gguf_quantization,) if "gguf" in recipe.output.save else ()
-
-
-def check_possible(recipe: Recipe, environ: Mapping[str, str]) -> None:
-    """Look and refuse in one step (the training program, started directly)."""
+def check_possible(quants: tuple[str, ...], environ: Mapping[str, str]) -> None:
+    """Look and refuse in one step (the training program, started directly): the GGUF types
+    output.save asks for (OutputConfig.gguf_quants)."""
     folder = llama_cpp_folder(environ)
-    refuse_missing_llama_cpp(recipe_quants(recipe), folder, llama_cpp_parts(folder), "output.save asks for gguf")
+    refuse_missing_llama_cpp(quants, folder, llama_cpp_parts(folder), "output.save asks for gguf")

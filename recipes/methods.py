@@ -1,8 +1,9 @@
 """The training methods a recipe can name (`training.method`): what data each trains on and its
 own options, which live in their own section (`training.<method>`, e.g. `training.dpo.beta`).
 
-A new method is one entry here, one in trainer/methods.py (the TRL classes that train it: that
-side imports torch), and its recipes. Pure: pydantic only.
+A new method is one entry here, its options section in recipes/schema.py's TrainingConfig, one entry
+in trainer/methods.py (the TRL classes that train it: that side imports torch), and its recipes.
+The data formats are recipes/formats.py's. Pure: pydantic only.
 """
 
 from __future__ import annotations
@@ -11,11 +12,6 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from recipes.errors import BadInput
-
-# data.format names and what a row of each holds (recipes/formats.py checks rows)
-DATA_FORMATS = ("messages", "instruction", "text", "preference", "prompt", "vision")
 
 
 class Options(BaseModel):
@@ -59,7 +55,7 @@ class GrpoOptions(Options):
 class Method:
     name: str
     summary: str
-    formats: tuple[str, ...]  # the data formats it trains on, the first one its usual
+    formats: tuple[str, ...]  # the data formats it trains on (recipes/formats.py), the first one its usual
     options: type[Options] | None = None  # its section, training.<name>
     refused_modes: tuple[str, ...] = ()  # modes it cannot train in, refused before launch
     why_refused: str = ""
@@ -85,21 +81,6 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
-
-# Data formats that cannot train in a mode, and why: refused before launch, as a method's refused_modes.
-FORMAT_REFUSED_MODES: dict[str, tuple[tuple[str, ...], str]] = {
-    "vision": (("fsdp",), "Unsloth's FSDP2 shards text decoders, and a vision model's tower is not among them"),
-}
-
-
-def refuse_quantized_vision_on_cpu(fmt: str, load_in: str, gpu: bool) -> None:
-    """On the CPU a vision model loads through transformers, in 16 bits (trainer/models.py)."""
-    if fmt == "vision" and not gpu and load_in != "16bit":
-        raise BadInput(
-            f"model.load_in {load_in}: a vision model on the CPU loads in 16 bits; "
-            f"set model.load_in=16bit, or train on a GPU"
-        )
-
 
 # Keys that moved; a recipe that still uses one is refused with its new place.
 MOVED_KEYS = {"training.dpo_beta": "training.dpo.beta"}

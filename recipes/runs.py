@@ -1,12 +1,13 @@
-"""A run's output folder as the commands after training (`export`, `generate`) find it:
+"""A run's output folder: every path in it is named here, and read from here by the launcher, the
+training program and the commands after training (`export`, `generate`).
 
-    <output>/launch/recipe.yaml          the recipe as resolved when it was launched
-             (launch/node-0/recipe.yaml  on a job of several machines)
+    <output>/launch/recipe.yaml          the recipe as resolved when it was launched, the plan, the
+             launch/node-N/              accelerate config (node-N/: each machine of a job of several)
+    <output>/checkpoints/checkpoint-N/   checkpoints (output.save_steps)
     <output>/adapter/ or model/          the trained adapter, or the whole model (full fine-tuning)
-    <output>/checkpoints/checkpoint-N/   checkpoints, when training stopped before the end
-    <output>/merged_16bit/, gguf/        exports
-
-Shared by the launcher (which checks a request before starting anything) and trainer/export.py.
+    <output>/merged_16bit/, gguf/        exports, listed in exports.json
+    <output>/metrics.json, tensorboard/  what the run measured
+    <output>/random-model/               a random-init recipe's model, built offline
 """
 
 from __future__ import annotations
@@ -22,16 +23,104 @@ from pydantic import ValidationError
 from recipes.errors import BadInput
 from recipes.schema import Recipe
 
-RECIPE_FILES = ("launch/recipe.yaml", "launch/node-0/recipe.yaml")
+DEFAULT_OUTPUTS_DIR = "outputs"  # OUTPUTS_DIR's default: runs go to ./outputs/<recipe name>
 PREQUANTIZED = re.compile(r"(-unsloth)?-bnb-4bit$|-bnb-8bit$", re.IGNORECASE)
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def launch_dir(folder: Path, node_rank: int = 0, nnodes: int = 1) -> Path:
+    """Where a launcher writes its launch files: machines of one job may share the output folder."""
+    return folder / "launch" / (f"node-{node_rank}" if nnodes > 1 else "")
+
+
+def folder_of(recipe: Recipe, outputs_dir: str | None, cwd: str | Path) -> Path:
+    """Where a run of the recipe writes: output.dir, else OUTPUTS_DIR/<recipe name>; relative to cwd."""
+    configured = recipe.output.dir
+    path = Path(configured) if configured else Path(outputs_dir or DEFAULT_OUTPUTS_DIR) / str(recipe.name)
+    return path if path.is_absolute() else Path(cwd) / path
 
 
 @dataclass(frozen=True)
 class Run:
     folder: Path
     recipe: Recipe
-    trained: Path | None  # adapter/ (LoRA) or model/ (full fine-tuning), once training finished
-    checkpoint: Path | None  # the newest checkpoint, if any
+
+    # ---- where things go
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.folder / "adapter"
+
+    @property
+    def weights(self) -> Path:
+        """What training saves: adapter/ (LoRA), or model/ (full fine-tuning: the whole model)."""
+        return self.folder / ("model" if self.recipe.model.full_finetuning else "adapter")
+
+    @property
+    def merged(self) -> Path:
+        return self.folder / "merged_16bit"
+
+    @property
+    def gguf(self) -> Path:
+        return self.folder / "gguf"
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.json"
+
+    @property
+    def exports(self) -> Path:
+        return self.folder / "exports.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.folder / "tensorboard"
+
+    @property
+    def random_models(self) -> Path:
+        return self.folder / "random-model"
+
+    def export_dir(self, kind: str) -> Path:
+        """Where an export kind (recipes/exports.py's KINDS) is written."""
+        return {"adapter": self.adapter, "merged_16bit": self.merged, "gguf": self.gguf}[kind]
+
+    def checkpoint_at(self, step: int) -> Path:
+        return self.checkpoints / f"checkpoint-{step}"
+
+    # ---- what is there
+
+    @property
+    def trained(self) -> Path | None:
+        """adapter/ or model/, once training finished and saved it."""
+        marker = "config.json" if self.recipe.model.full_finetuning else "adapter_config.json"
+        return self.weights if (self.weights / marker).is_file() else None
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The newest checkpoint, if any (training resumes from it; export falls back to it)."""
+        return newest_checkpoint(self.checkpoints)
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint a new run of the recipe starts from (none with output.resume off); BadInput
+        when it is already at or past max_steps, rather than silently training nothing."""
+        newest = self.checkpoint if self.recipe.output.resume else None
+        max_steps = self.recipe.training.max_steps
+        if newest is not None and max_steps > 0 and (checkpoint_step(newest) or 0) >= max_steps:
+            raise BadInput(
+                f"{newest} is already at or past training.max_steps={max_steps}: nothing left to train. "
+                f"Raise training.max_steps, set output.resume=false to start fresh, or use another output.dir"
+            )
+        return newest
+
+    @property
+    def whole_model(self) -> Path | None:
+        """A 16-bit model that needs no adapter: merged_16bit/, or model/ after full fine-tuning."""
+        folder = self.weights if self.recipe.model.full_finetuning else self.merged
+        return folder if (folder / "config.json").is_file() else None
 
     @property
     def trust_remote_code(self) -> bool:
@@ -39,8 +128,7 @@ class Run:
 
     @property
     def vision(self) -> bool:
-        """It trained an image-text model (data.format vision): loaded with its processor."""
-        return self.recipe.data.format == "vision"
+        return self.recipe.vision
 
     def base_model(self) -> str:
         """What the adapter was trained on: the path PEFT recorded (a random-init model's folder),
@@ -64,11 +152,12 @@ class Run:
     @classmethod
     def read(cls, folder: Path) -> Run:
         """BadInput, naming the folder and the fix, when it is not a run's output folder."""
-        found = next((folder / name for name in RECIPE_FILES if (folder / name).is_file()), None)
+        candidates = [launch_dir(folder) / "recipe.yaml", launch_dir(folder, 0, 2) / "recipe.yaml"]
+        found = next((path for path in candidates if path.is_file()), None)
         if found is None:
             raise BadInput(
-                f"{str(folder)!r} is not a run's output folder (no {RECIPE_FILES[0]} in it); give the folder a "
-                f"run wrote (OUTPUTS_DIR/<recipe name>, or the recipe's output.dir) or the recipe it ran"
+                f"{str(folder)!r} is not a run's output folder (no {candidates[0].relative_to(folder)} in it); give "
+                f"the folder a run wrote (OUTPUTS_DIR/<recipe name>, or the recipe's output.dir) or the recipe it ran"
             )
         try:
             recipe = Recipe.model_validate(yaml.safe_load(found.read_text()))
@@ -76,22 +165,15 @@ class Run:
             raise BadInput(
                 f"{found} does not hold a valid recipe ({str(exc).splitlines()[0]}); run the recipe again"
             ) from None
-        full = recipe.model.full_finetuning
-        trained = folder / ("model" if full else "adapter")
-        marker = "config.json" if full else "adapter_config.json"
-        return cls(
-            folder=folder,
-            recipe=recipe,
-            trained=trained if (trained / marker).is_file() else None,
-            checkpoint=newest_checkpoint(folder / "checkpoints"),
-        )
+        return cls(folder, recipe)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = CHECKPOINT.fullmatch(path.name)
+    return int(match.group(1)) if match else None
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint-N folder with the highest N (training resumes from it; export falls back to it)."""
-    steps = [
-        (int(m.group(1)), p)
-        for p in folder.glob("checkpoint-*")
-        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
-    ]
+    """The checkpoint-N folder with the highest N."""
+    steps = [(step, p) for p in folder.glob("checkpoint-*") if (step := checkpoint_step(p)) is not None and p.is_dir()]
     return max(steps)[1] if steps else None

@@ -7,12 +7,13 @@ the value and the fix; `errors.format_validation_error` turns pydantic's errors 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from recipes.exports import GGUF_QUANTS
-from recipes.methods import DATA_FORMATS, METHODS
+from recipes.exports import GGUF_QUANTS, KINDS
+from recipes.formats import FORMATS, NO_GGUF_WITH_IMAGES, Format
+from recipes.methods import METHODS, DpoOptions, GrpoOptions
 
 # Unsloth's usual LoRA targets for dense decoders (Llama, Qwen, Gemma, Mistral).
 DEFAULT_TARGET_MODULES = [
@@ -118,7 +119,7 @@ class LoraConfig(Strict):
         return value
 
 
-DataFormat = Literal[DATA_FORMATS]  # type: ignore[valid-type]  (the one list, in recipes/methods.py)
+DataFormat = Literal[tuple(FORMATS)]  # type: ignore[valid-type]  (the one table, in recipes/formats.py)
 
 
 class DataConfig(Strict):
@@ -184,7 +185,7 @@ TINY_VISION_TOWER = {
 TINY_IMAGE_TOKENS = 4
 
 
-class _Training(Strict):
+class TrainingConfig(Strict):
     method: Literal[tuple(METHODS)] = "sft"  # type: ignore[valid-type]  (recipes/methods.py)
     epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(default=-1, ge=-1, description="-1: run for `epochs`")
@@ -204,6 +205,9 @@ class _Training(Strict):
     collective_timeout_s: PositiveInt = Field(
         default=1800, description="a rank waiting longer than this in a collective fails the job"
     )
+    # Each method's own options (recipes/methods.py), present for that method only, with its defaults.
+    dpo: DpoOptions | None = None
+    grpo: GrpoOptions | None = None
 
     @field_validator("max_steps")
     @classmethod
@@ -212,43 +216,45 @@ class _Training(Strict):
             raise ValueError("max_steps 0 trains nothing; use a positive count, or -1 for epochs")
         return value
 
+    @property
+    def sections(self) -> dict[str, DpoOptions | GrpoOptions | None]:
+        """Each method's options section by the method's name (test_methods holds it to METHODS)."""
+        return {"dpo": self.dpo, "grpo": self.grpo}
+
     @model_validator(mode="after")
-    def _options_of_the_method_only(self) -> _Training:
+    def _options_of_the_method_only(self) -> TrainingConfig:
         """Each method's options section exists for that method only, with its defaults."""
-        for name, method in METHODS.items():
-            if method.options is None:
-                continue
-            given = getattr(self, name)
+        for name, given in self.sections.items():
+            options = METHODS[name].options
+            assert options is not None
             if given is not None and name != self.method:
                 raise ValueError(
                     f"training.{name} holds options of training.method {name}, but the method is "
                     f"{self.method}; remove training.{name} or set training.method={name}"
                 )
             if given is None and name == self.method:
-                required = [k for k, f in method.options.model_fields.items() if f.is_required()]
+                required = [k for k, f in options.model_fields.items() if f.is_required()]
                 if required:
                     raise ValueError(
                         f"training.method {name} needs its section training.{name} with {', '.join(required)}; "
                         f"e.g. the override training.{name}.{required[0]}=... (see recipes/methods.py)"
                     )
-                object.__setattr__(self, name, method.options())  # validated defaults; no re-validation loop
+                object.__setattr__(self, name, options())  # validated defaults; no re-validation loop
         return self
-
-
-# One optional section per method that has options (training.dpo.beta, ...), from the registry.
-_option_sections: dict[str, Any] = {
-    name: (method.options | None, None) for name, method in METHODS.items() if method.options is not None
-}
-TrainingConfig = create_model("TrainingConfig", __base__=_Training, **_option_sections)
 
 
 class OutputConfig(Strict):
     dir: str | None = Field(default=None, description="default: $OUTPUTS_DIR/<recipe name> (OUTPUTS_DIR: ./outputs)")
-    save: list[Literal["adapter", "merged_16bit", "gguf"]] = Field(default_factory=lambda: ["adapter"])
+    save: list[Literal[KINDS]] = Field(default_factory=lambda: ["adapter"])  # type: ignore[valid-type]
     gguf_quantization: Literal[GGUF_QUANTS] = "q8_0"  # type: ignore[valid-type]  (recipes/exports.py)
     save_steps: NonNegativeInt = Field(default=0, description="0: no intermediate checkpoints")
     keep_checkpoints: PositiveInt = 2
     resume: bool = True
+
+    @property
+    def gguf_quants(self) -> tuple[str, ...]:
+        """The GGUF types `save` asks for (none without gguf)."""
+        return (self.gguf_quantization,) if "gguf" in self.save else ()
 
 
 class LoggingConfig(Strict):
@@ -295,7 +301,7 @@ class Recipe(Strict):
                 f"training.method {method.name} needs data.format {' or '.join(method.formats)}, not {fmt}"
                 + (f"; data.format {fmt} is for training.method {' or '.join(takers)}" if takers else "")
             )
-        grpo = getattr(self.training, "grpo", None)
+        grpo = self.training.grpo
         if grpo is not None:
             per_step = self.training.per_device_batch_size * self.training.gradient_accumulation_steps
             if per_step % grpo.num_generations:
@@ -321,16 +327,26 @@ class Recipe(Strict):
                 f"data.eval_fraction (e.g. 0.1) or data.eval_split, or training.eval_steps=0"
             )
         self._vision_consistent()
-        if self.data.train_on_responses_only and self.data.format not in ("messages", "instruction"):
+        if self.data.train_on_responses_only and not self.format.responses_only:
+            takers = " or ".join(name for name, f in FORMATS.items() if f.responses_only)
             raise ValueError(
-                "data.train_on_responses_only needs conversations (format messages or "
-                f"instruction), not {self.data.format}"
+                f"data.train_on_responses_only needs conversations (format {takers}), not {self.data.format}"
             )
         return self
 
+    @property
+    def format(self) -> Format:
+        """data.format's entry in the format table."""
+        return FORMATS[self.data.format]
+
+    @property
+    def vision(self) -> bool:
+        """It trains an image-text model on chats about images (loaded with its processor)."""
+        return self.format.images
+
     def _vision_consistent(self) -> None:
         """Images need a vision-language model; the vision parts of lora mean nothing without images."""
-        vision = self.data.format == "vision"
+        vision = self.vision
         spec = self.model.random_init
         if spec is not None and vision != (spec.architecture in VISION_ARCHITECTURES):
             raise ValueError(
@@ -352,10 +368,7 @@ class Recipe(Strict):
                 "set training.packing=false for data.format vision"
             )
         if vision and "gguf" in self.output.save:
-            raise ValueError(
-                "output.save gguf: the GGUF export of a vision model (the model and its mmproj file) is not built "
-                "yet; save merged_16bit, which llama.cpp's converter takes"
-            )
+            raise ValueError(f"output.save gguf: {NO_GGUF_WITH_IMAGES}")
         if vision and self.data.chat_template is not None:
             raise ValueError(
                 f"data.chat_template {self.data.chat_template!r}: a vision model renders chats with its "

@@ -135,3 +135,24 @@ def launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def big_recipe(tmp_path: Path) -> Path:
     return write_recipe(tmp_path, "big", BIG_RECIPE)
+
+
+VISION_RECIPE = ROOT / "tests" / "recipes" / "tiny-vision.yaml"
+
+
+def adapter_keys(folder: Path) -> list[str]:
+    """The tensors of the tiny vision run's adapter under `folder`."""
+    from safetensors.torch import load_file
+
+    return sorted(load_file(folder / "outputs" / "tiny-vision" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def language_only_run(tmp_path_factory) -> Path:
+    """A short run of the tiny vision recipe whose LoRA leaves the vision tower alone
+    (lora.finetune_vision_layers=false): the training, export and generate tests share it."""
+    folder = tmp_path_factory.mktemp("language-only")
+    overrides = ["lora.finetune_vision_layers=false", "data.eval_fraction=null"]
+    done = run_cli("run", str(VISION_RECIPE), *overrides, "training.eval_steps=0", cwd=folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder

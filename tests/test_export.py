@@ -243,4 +243,4 @@ def test_a_4bit_run_of_a_hub_model_merges_into_the_16bit_model_its_recipe_named(
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": recorded}))
     recipe = catalog.load("llama-3.1-8b-qlora-chat", [f"model.name={asked}"]).recipe
-    assert Run(tmp_path, recipe, trained=adapter, checkpoint=None).merge_base() == merged_into
+    assert Run(tmp_path, recipe).merge_base() == merged_into

@@ -121,20 +121,24 @@ def test_a_dead_rank_ends_the_whole_job_promptly_instead_of_hanging(tmp_path):
 
 
 def test_the_collective_timeout_reaches_the_trainer():
+    from recipes.runs import Run
     from trainer.methods import shared_arguments
 
     recipe = catalog.load("smoke", ["training.collective_timeout_s=90"]).recipe
-    assert shared_arguments(recipe, Path("/tmp/x"), "no")["ddp_timeout"] == 90
+    assert shared_arguments(Run(Path("/tmp/x"), recipe), "no")["ddp_timeout"] == 90
 
 
 def test_ddp_does_not_look_for_unused_weights_when_lora_trains_whole_modules():
-    from trainer.methods import shared_arguments as trainer_config
+    from recipes.runs import Run
+    from trainer.methods import shared_arguments
+
+    def trainer_config(recipe):
+        return shared_arguments(Run(Path("/tmp/x"), recipe), "no")
 
     # smoke trains lm_head in full: find_unused_parameters=True crashed its first ddp step on GPUs.
-    smoke = catalog.load("smoke").recipe
-    assert trainer_config(smoke, Path("/tmp/x"), "no")["ddp_find_unused_parameters"] is False
+    assert trainer_config(catalog.load("smoke").recipe)["ddp_find_unused_parameters"] is False
     plain = catalog.load("smoke", ["lora.target_modules=[q_proj,v_proj]"]).recipe
-    assert trainer_config(plain, Path("/tmp/x"), "no")["ddp_find_unused_parameters"] is None
+    assert trainer_config(plain)["ddp_find_unused_parameters"] is None
 
 
 def test_a_disk_too_small_for_the_outputs_is_reported_before_anything_is_written(tmp_path):

@@ -27,19 +27,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+import transformers
+from peft import PeftModel
+
 from recipes import atomic, exports
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 from recipes.runs import Run
 
-EXPORTS_FILE = "exports.json"
 # What a checkpoint holds besides the adapter and the tokenizer: only resuming needs it.
 TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state*", "trainer_state.json", "training_args.bin")
 
 
 def adapter_from_checkpoint(run: Run) -> Path:
     """The adapter: the run's own, else its newest checkpoint's (training stopped early)."""
-    dest = run.folder / "adapter"
-    if (dest / "adapter_config.json").is_file():
+    dest = run.adapter
+    if run.trained is not None:
         return dest
     assert run.checkpoint is not None  # the launcher refused a run with neither
     with atomic.folder(dest) as tmp:
@@ -49,8 +52,6 @@ def adapter_from_checkpoint(run: Run) -> Path:
 
 def auto_classes(vision: bool):
     """transformers' (model, tokenizer or processor) classes for a run's model."""
-    import transformers
-
     if vision:
         return transformers.AutoModelForImageTextToText, transformers.AutoProcessor
     return transformers.AutoModelForCausalLM, transformers.AutoTokenizer
@@ -59,9 +60,6 @@ def auto_classes(vision: bool):
 def merge(run: Run, adapter: Path, dest: Path) -> Path:
     """The base model (the one the adapter was trained on, in 16 bits: Run.merge_base) with the
     adapter merged in; an image-text model's vision tower included, and its processor beside it."""
-    import torch
-    from peft import PeftModel
-
     model_class, tokenizer_class = auto_classes(run.vision)
     trust_remote_code = run.trust_remote_code
     base_name = run.merge_base()
@@ -120,24 +118,24 @@ def export_run(run: Run, targets: list[tuple[str, tuple[str, ...]]], llama_cpp: 
     records = []
     full = run.recipe.model.full_finetuning
     with tempfile.TemporaryDirectory(dir=run.folder, prefix=".export-") as scratch:
-        merged_dir: Path | None = run.folder / "model" if full else None
+        merged_dir: Path | None = run.weights if full else None
         for kind, quants in targets:
             started = time.time()
             if kind == "adapter":
                 paths = [adapter_from_checkpoint(run)]
             elif kind == "merged_16bit":
-                merged_dir = merge(run, adapter_from_checkpoint(run), run.folder / "merged_16bit")
+                merged_dir = merge(run, adapter_from_checkpoint(run), run.merged)
                 paths = [merged_dir]
             else:
                 if merged_dir is None:  # GGUF alone: merge into scratch space, not merged_16bit/
                     adapter = adapter_from_checkpoint(run)
                     merged_dir = merge(run, adapter, Path(scratch) / "merged")
-                paths = gguf(merged_dir, run.folder / "gguf", str(run.recipe.name), quants, llama_cpp)
+                paths = gguf(merged_dir, run.gguf, str(run.recipe.name), quants, llama_cpp)
             seconds = round(time.time() - started, 2)
             records += [{"kind": kind, "path": str(p), "bytes": size_of(p), "seconds": seconds} for p in paths]
-    previous = json.loads((run.folder / EXPORTS_FILE).read_text()) if (run.folder / EXPORTS_FILE).is_file() else []
+    previous = json.loads(run.exports.read_text()) if run.exports.is_file() else []
     kept = [r for r in previous if r["path"] not in {n["path"] for n in records}]
-    atomic.write_text(run.folder / EXPORTS_FILE, json.dumps(kept + records, indent=2) + "\n")
+    atomic.write_text(run.exports, json.dumps(kept + records, indent=2) + "\n")
     return records
 
 

@@ -5,7 +5,8 @@
 The launcher's `generate` command checks the request and starts it (entrypoint/cli.py). It uses
 the run's merged model when there is one (merged_16bit/, or model/ after full fine-tuning), else
 the base model with the adapter; a GPU when one is visible, else the CPU. Prompts of chat recipes
-(data.format messages / instruction) go through the tokenizer's chat template, as in training;
+(the chat formats of recipes/formats.py: messages, instruction, and GRPO's prompt) go through the
+tokenizer's chat template, as in training;
 text recipes continue the prompt as written. A vision run (data.format vision) loads its processor,
 and --image puts an image before the prompt, as in training. Decoding is greedy unless
 --temperature is given.
@@ -19,6 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+from peft import PeftModel
+
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 from recipes.runs import Run
 from trainer.export import auto_classes
@@ -26,18 +30,14 @@ from trainer.export import auto_classes
 
 def load(run: Run):
     """(model, tokenizer, or a vision run's processor) ready to generate."""
-    import torch
-
     model_class, tokenizer_class = auto_classes(run.vision)
-    merged = run.folder / ("model" if run.recipe.model.full_finetuning else "merged_16bit")
+    merged = run.whole_model
     trust = run.trust_remote_code
     placement = {"device_map": "auto"} if torch.cuda.is_available() else {"device_map": "cpu"}
-    if (merged / "config.json").is_file():
+    if merged is not None:
         model = model_class.from_pretrained(str(merged), dtype="auto", trust_remote_code=trust, **placement)
         tokenizer_folder = merged
     else:
-        from peft import PeftModel
-
         base = model_class.from_pretrained(run.base_model(), dtype="auto", trust_remote_code=trust, **placement)
         adapter = run.trained or run.checkpoint
         assert adapter is not None  # the launcher refused a run with neither
@@ -48,8 +48,6 @@ def load(run: Run):
 
 
 def reply(model, tokenizer, history: list[dict], chat: bool, max_new_tokens: int, temperature: float) -> str:
-    import torch
-
     if chat:
         ids = tokenizer.apply_chat_template(
             history, add_generation_prompt=True, tokenize=True, return_tensors="pt", return_dict=True
@@ -84,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     model, tokenizer = load(run)
-    chat = run.recipe.data.format in ("messages", "instruction", "vision") and bool(
-        getattr(tokenizer, "chat_template", None)
-    )
+    fmt = run.recipe.format
+    chat = (fmt.chat or fmt.images) and bool(getattr(tokenizer, "chat_template", None))
     history: list[dict] = []
     prompts = [args.prompt] if args.prompt is not None else iter(lambda: input("you: ").strip(), "")
     try:

@@ -7,17 +7,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import torch
+import trl
+from unsloth import trainer as unsloth_trainer
+
+from recipes import rewards
+from recipes.runs import Run
 from recipes.schema import Recipe
 
 
-def shared_arguments(recipe: Recipe, out: Path, precision: str) -> dict[str, Any]:
+def shared_arguments(run: Run, precision: str) -> dict[str, Any]:
     """Arguments every method's TRL config takes."""
+    recipe = run.recipe
     t, o, log = recipe.training, recipe.output, recipe.logging
     return dict(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(run.checkpoints),
         per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         num_train_epochs=t.epochs,
@@ -66,7 +72,7 @@ def every_weight_learns_every_step(recipe: Recipe) -> bool:
     Unsloth's reentrant gradient checkpointing, fails the first backward): LoRA that trains whole
     modules (below), and vision LoRA, since every row of data.format vision holds an image, so the
     tower's adapters see one every step."""
-    return trains_whole_modules(recipe) or (recipe.lora is not None and recipe.data.format == "vision")
+    return trains_whole_modules(recipe) or (recipe.lora is not None and recipe.vision)
 
 
 def no_arguments(recipe: Recipe) -> dict[str, Any]:
@@ -87,7 +93,7 @@ class Trainer:
 def supervised_options(recipe: Recipe) -> dict[str, Any]:
     """sft and cpt: the shaped rows (recipes' data formats -> trainer/data.py). Chats with images
     reach the collator as they are (images still to be processed), as Unsloth's vision guide says."""
-    if recipe.data.format == "vision":
+    if recipe.vision:
         return dict(
             max_length=recipe.model.max_seq_length,
             remove_unused_columns=False,
@@ -105,13 +111,9 @@ def supervised_options(recipe: Recipe) -> dict[str, Any]:
 def vision_collator(model, processor):
     """Renders each chat, processes its images and masks what is not text to learn: Unsloth's
     collator on a GPU; on the CPU (where Unsloth has no vision models) TRL's, as SFTTrainer picks."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
-    from unsloth.trainer import UnslothVisionDataCollator
-
-    return UnslothVisionDataCollator(model, processor)
+    return unsloth_trainer.UnslothVisionDataCollator(model, processor)
 
 
 def preference_options(recipe: Recipe) -> dict[str, Any]:
@@ -136,8 +138,6 @@ def generation_options(recipe: Recipe) -> dict[str, Any]:
 
 def reward_functions(recipe: Recipe) -> dict[str, Any]:
     """grpo: the bundled rewards and those of the recipe's reward file (recipes/rewards.py)."""
-    from recipes import rewards
-
     grpo = recipe.training.grpo
     assert grpo is not None
     return dict(reward_funcs=rewards.load(grpo.rewards, grpo.reward_file))
@@ -151,13 +151,12 @@ TRAINERS: dict[str, Trainer] = {
 }
 
 
-def make_trainer(recipe: Recipe, model, tokenizer, dataset, eval_dataset, out: Path, precision: str, callbacks: list):
-    import trl
-
+def make_trainer(run: Run, model, tokenizer, dataset, eval_dataset, precision: str, callbacks: list):
+    recipe = run.recipe
     method = TRAINERS[recipe.training.method]
-    args = getattr(trl, method.config)(**shared_arguments(recipe, out, precision), **method.options(recipe))
-    collator = vision_collator(model, tokenizer) if recipe.data.format == "vision" else None
-    return getattr(trl, method.trainer)(
+    args = getattr(trl, method.config)(**shared_arguments(run, precision), **method.options(recipe))
+    collator = vision_collator(model, tokenizer) if recipe.vision else None
+    trainer = getattr(trl, method.trainer)(
         model=model,
         **method.trainer_arguments(recipe),
         **({"data_collator": collator} if collator is not None else {}),
@@ -167,3 +166,30 @@ def make_trainer(recipe: Recipe, model, tokenizer, dataset, eval_dataset, out: P
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    resumable_on_cpu_ddp(trainer)
+    return trainer
+
+
+def resumable_on_cpu_ddp(trainer) -> None:
+    """transformers (5.17) loads the optimizer state of a multi-process run with
+    map_location=args.device, which on the CPU is "cpu:0": torch.load cannot restore to that, so
+    resuming CPU DDP fails. Map it to "cpu" while that one method runs; GPU runs are untouched."""
+    if torch.cuda.is_available() or trainer.args.world_size <= 1:
+        return
+    original = trainer._load_optimizer_and_scheduler
+
+    def load(checkpoint):
+        real_load = torch.load
+
+        def cpu_load(*args, **kwargs):
+            if "map_location" in kwargs:
+                kwargs["map_location"] = "cpu"
+            return real_load(*args, **kwargs)
+
+        torch.load = cpu_load
+        try:
+            return original(checkpoint)
+        finally:
+            torch.load = real_load
+
+    trainer._load_optimizer_and_scheduler = load

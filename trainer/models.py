@@ -1,45 +1,31 @@
-"""The load phase: which model (a hub id, a local folder, or a random-init shape built offline),
-its chat template, the model itself with the placement the mode needs, and LoRA on top.
+"""The load phase: the model's chat template, the model itself with the placement the mode needs,
+and LoRA on top (a random-init shape is built offline first: trainer/random_model.py).
 
-Unsloth's FastLanguageModel loads text models, its FastVisionModel image-text models (data.format
-vision; there the "tokenizer" is the model's processor). A loader for another kind of model is a
-new entry in LOADERS.
+Unsloth's FastLanguageModel loads text models, its FastVisionModel image-text models (a data
+format with images; there the "tokenizer" is the model's processor). A loader for another kind of
+model is a new entry in LOADERS.
 """
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
+import torch
+import unsloth
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from unsloth.chat_templates import CHAT_TEMPLATES, get_chat_template
+from unsloth_zoo.peft_utils import get_peft_regex
 
 from recipes.errors import BadInput, closest
-from recipes.methods import refuse_quantized_vision_on_cpu
+from recipes.formats import refuse_quantized_images_on_cpu
 from recipes.schema import DEFAULT_TARGET_MODULES, VISION_PARTS, Recipe
 
 LOADERS = {"text": "FastLanguageModel", "vision": "FastVisionModel"}  # unsloth's class for each kind of model
-CHAT_FORMATS = ("messages", "instruction", "prompt")  # rendered with a chat template
-
-
-def resolve_model(recipe: Recipe, dataset, out: Path) -> str:
-    """The folder or hub id to load; a random-init shape is built (once) under the output folder,
-    its tokenizer trained on the dataset's text."""
-    spec = recipe.model.random_init
-    if spec is None:
-        return recipe.model.name
-    from trainer import random_model
-    from trainer.data import texts_of
-
-    texts = texts_of(dataset)
-    corpus_key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-    folder = random_model.folder_for(spec, corpus_key, recipe.model.max_seq_length, out / "random-model")
-    return str(random_model.build(spec, texts, folder, recipe.model.max_seq_length))
 
 
 def check_chat_template(recipe: Recipe, model_name: str) -> None:
     """Conversations need a chat template: a known Unsloth name, or the tokenizer's own (for
     chats with images, the processor's own)."""
-    if recipe.data.format == "vision":
-        from transformers import AutoProcessor
-
+    if recipe.vision:
         processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=recipe.model.trust_remote_code)
         if not getattr(processor, "chat_template", None):
             raise BadInput(
@@ -47,20 +33,16 @@ def check_chat_template(recipe: Recipe, model_name: str) -> None:
                 f"use the instruction-tuned model (its name usually ends in -Instruct or -it)"
             )
         return
-    if recipe.data.format not in CHAT_FORMATS:
+    if not recipe.format.chat:
         return
     name = recipe.data.chat_template
     if name is not None:
-        from unsloth.chat_templates import CHAT_TEMPLATES
-
         if name not in CHAT_TEMPLATES:
             raise BadInput(
                 f"data.chat_template {name!r} is not an Unsloth chat template{closest(name, CHAT_TEMPLATES)}; "
                 f"known: {', '.join(sorted(CHAT_TEMPLATES))}"
             )
         return
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=recipe.model.trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
         raise BadInput(
@@ -70,7 +52,7 @@ def check_chat_template(recipe: Recipe, model_name: str) -> None:
 
 
 def kind_of(recipe: Recipe) -> str:
-    return "vision" if recipe.data.format == "vision" else "text"
+    return "vision" if recipe.vision else "text"
 
 
 def lora_targets(recipe: Recipe) -> list[str] | None:
@@ -89,15 +71,12 @@ def vision_parts(recipe: Recipe) -> dict[str, bool]:
 def load(recipe: Recipe, model_name: str, device_map):
     """(model with LoRA when the recipe has it, tokenizer with the recipe's chat template; for a
     vision model, its processor)."""
-    import torch
-    import unsloth
-
     kind = kind_of(recipe)
     if kind == "vision" and not torch.cuda.is_available():
         return load_vision_on_cpu(recipe, model_name)
     loader = getattr(unsloth, LOADERS[kind])
     m, t = recipe.model, recipe.training
-    grpo = getattr(t, "grpo", None)
+    grpo = t.grpo
     # vLLM generates GRPO's completions when the launcher chose it (Unsloth's fast_inference).
     fast = {"fast_inference": True} if grpo is not None and grpo.generation == "vllm" else {}
     model, tokenizer = loader.from_pretrained(
@@ -113,8 +92,6 @@ def load(recipe: Recipe, model_name: str, device_map):
         **fast,
     )
     if recipe.data.chat_template is not None:
-        from unsloth.chat_templates import get_chat_template
-
         tokenizer = get_chat_template(tokenizer, chat_template=recipe.data.chat_template)
     if recipe.lora is not None:
         lora = recipe.lora
@@ -137,11 +114,8 @@ def load_vision_on_cpu(recipe: Recipe, model_name: str):
     """(model, processor) on the CPU, where Unsloth's backend has no vision models (its
     FastVisionModel raises there): transformers and PEFT, as that backend uses for text, with the
     LoRA targets Unsloth's own get_peft_regex chooses on a GPU."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     m, t = recipe.model, recipe.training
-    refuse_quantized_vision_on_cpu(recipe.data.format, m.load_in, gpu=False)  # the launcher refused it already
+    refuse_quantized_images_on_cpu(recipe.data.format, m.load_in, gpu=False)  # the launcher refused it already
     dtype = torch.float32 if m.dtype == "auto" else getattr(torch, m.dtype)
     model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=dtype, trust_remote_code=m.trust_remote_code)
     processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=m.trust_remote_code)
@@ -149,9 +123,6 @@ def load_vision_on_cpu(recipe: Recipe, model_name: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora is None:
         return model, processor
-    from peft import LoraConfig, get_peft_model
-    from unsloth_zoo.peft_utils import get_peft_regex
-
     lora = recipe.lora
     targets = get_peft_regex(model, target_modules=lora_targets(recipe), **vision_parts(recipe))
     torch.manual_seed(t.seed)  # the same LoRA initialisation in every process

@@ -17,73 +17,66 @@ training and of every step; a replacement by another handler is reported once.
 
 from __future__ import annotations
 
+import datetime
 import signal
 from types import FrameType
 
-
-def make_callback(world_size: int):
-    from transformers import TrainerCallback
-
-    class StopOnSigterm(TrainerCallback):
-        def __init__(self) -> None:
-            self.asked = False  # this rank received SIGTERM
-            self.stopped_at: int | None = None  # the step whose checkpoint was saved
-            self._pending = None  # (work handle, tensor) of the previous step's agreement
-            self._reported = False
-            self._group = None  # the gloo group the flag travels on (created by every rank at once)
-
-        def _ask(self, signum: int, _frame: FrameType | None) -> None:
-            self.asked = True
-
-        def install(self) -> None:
-            current = signal.getsignal(signal.SIGTERM)
-            if current != self._ask:
-                if current not in (signal.SIG_DFL, signal.SIG_IGN, None) and not self._reported:
-                    print(f"preemption: {current!r} had replaced the SIGTERM handler; restored", flush=True)
-                    self._reported = True
-                signal.signal(signal.SIGTERM, self._ask)
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.install()
-            if world_size > 1 and self._group is None:
-                import datetime
-
-                import torch.distributed as dist
-
-                timeout = datetime.timedelta(seconds=args.ddp_timeout)
-                self._group = dist.new_group(backend="gloo", timeout=timeout)
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.install()
-
-        def _agreed(self) -> bool:
-            if world_size <= 1:
-                return self.asked
-            import torch
-            import torch.distributed as dist
-
-            decided = False
-            if self._pending is not None:
-                work, flag = self._pending
-                work.wait()  # the host waits for the other ranks' hosts, never for a GPU
-                decided = bool(flag.item())
-            flag = torch.tensor([1 if self.asked else 0])
-            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
-            return decided
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self._agreed():
-                control.should_save = True
-                control.should_training_stop = True
-                self.stopped_at = state.global_step
-            return control
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self._pending is not None:  # leave no collective in flight
-                self._pending[0].wait()
-                self._pending = None
-
-    return StopOnSigterm()
-
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
 
 EXIT_PREEMPTED = 128 + signal.SIGTERM
+
+
+class StopOnSigterm(TrainerCallback):
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.asked = False  # this rank received SIGTERM
+        self.stopped_at: int | None = None  # the step whose checkpoint was saved
+        self._pending = None  # (work handle, tensor) of the previous step's agreement
+        self._reported = False
+        self._group = None  # the gloo group the flag travels on (created by every rank at once)
+
+    def _ask(self, signum: int, _frame: FrameType | None) -> None:
+        self.asked = True
+
+    def install(self) -> None:
+        current = signal.getsignal(signal.SIGTERM)
+        if current != self._ask:
+            if current not in (signal.SIG_DFL, signal.SIG_IGN, None) and not self._reported:
+                print(f"preemption: {current!r} had replaced the SIGTERM handler; restored", flush=True)
+                self._reported = True
+            signal.signal(signal.SIGTERM, self._ask)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.install()
+        if self.world_size > 1 and self._group is None:
+            timeout = datetime.timedelta(seconds=args.ddp_timeout)
+            self._group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.install()
+
+    def _agreed(self) -> bool:
+        if self.world_size <= 1:
+            return self.asked
+        decided = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()  # the host waits for the other ranks' hosts, never for a GPU
+            decided = bool(flag.item())
+        flag = torch.tensor([1 if self.asked else 0])
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        return decided
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._agreed():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._pending is not None:  # leave no collective in flight
+            self._pending[0].wait()
+            self._pending = None

@@ -15,7 +15,21 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+from filelock import FileLock
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.gemma3 import Gemma3ImageProcessorPil  # PIL: no torchvision needed
+
 from recipes import atomic
+from recipes.runs import Run
 from recipes.schema import TINY_IMAGE_TOKENS, TINY_VISION_TOWER, VISION_ARCHITECTURES, RandomInit
 
 CHATML = (
@@ -42,15 +56,44 @@ CHATML_WITH_IMAGES = (
 )
 
 
+def model_for(run: Run, dataset) -> str:
+    """The folder or hub id a run loads: a random-init shape is built (once) under the output
+    folder, its tokenizer trained on the dataset's text; any other model is the recipe's name."""
+    recipe = run.recipe
+    spec = recipe.model.random_init
+    if spec is None:
+        return recipe.model.name
+    texts = texts_of(dataset)
+    corpus_key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    folder = folder_for(spec, corpus_key, recipe.model.max_seq_length, run.random_models)
+    return str(build(spec, texts, folder, recipe.model.max_seq_length))
+
+
+def texts_of(dataset) -> list[str]:
+    """Every string in the shaped rows: the corpus a random-init model's tokenizer learns."""
+    texts: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+
+    for row in dataset:
+        collect(row)
+    return texts
+
+
 def folder_for(spec: RandomInit, corpus_key: str, max_seq_length: int, root: Path) -> Path:
     key = json.dumps([spec.model_dump(mode="json"), corpus_key, max_seq_length], sort_keys=True)
     return root / f"{spec.architecture}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def _train_tokenizer(texts: Iterable[str], vocab_size: int, images: bool = False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -88,8 +131,6 @@ def decoder_shape(spec: RandomInit, tokenizer, max_seq_length: int) -> dict[str,
 
 def _gemma3_vision(spec: RandomInit, tokenizer, max_seq_length: int):
     """(config, processor) of a tiny Gemma 3 image-text model around the spec's text decoder."""
-    from transformers import Gemma3Config, Gemma3Processor
-    from transformers.models.gemma3 import Gemma3ImageProcessorPil  # PIL: no torchvision needed
 
     size = TINY_VISION_TOWER["image_size"]
     processor = Gemma3Processor(
@@ -130,14 +171,11 @@ def build(
     `write_weights(config, folder)` replaces the default (a whole model built in
     float32 on one device, then saved) for shapes too large for that: bench/bigmodel.py writes
     a 70B model's safetensors one tensor at a time."""
-    from filelock import FileLock
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if (dest / "config.json").exists():
             return dest
-        import torch
-        from transformers import LlamaConfig
 
         vision = spec.architecture in VISION_ARCHITECTURES
         tokenizer = _train_tokenizer(texts, spec.vocab_size, images=vision)
@@ -171,6 +209,5 @@ def build(
 
 
 def _model_class(config):
-    from transformers import Gemma3ForConditionalGeneration, LlamaForCausalLM
 
     return Gemma3ForConditionalGeneration if config.model_type == "gemma3" else LlamaForCausalLM

@@ -13,6 +13,9 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from torch.distributed.fsdp import FSDPModule
+
 from recipes import atomic
 
 
@@ -23,8 +26,6 @@ def local_elements(model) -> int:
     gathered after a forward pass, so an evaluation at the last step would otherwise be counted
     as holding the root's whole weights.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()  # a no-op where the module is already sharded
@@ -45,11 +46,10 @@ def whole_parameters(model, trainable_only: bool) -> Iterator[bool]:
     whole tensors until the block ends; the others get False and must not write.
     `trainable_only` gathers just the trainable parameters, enough for an adapter.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     if not any(isinstance(module, FSDPModule) for module in model.modules()):
-        yield True  # checked first: unsloth.models imports its Triton kernels, unneeded here
+        yield True
         return
+    # Here only: on the CPU backend, unsloth.models (its Triton kernels) adds 15 s to a process's start.
     from unsloth.models.fsdp2_save import fsdp2_gathered
 
     with fsdp2_gathered(model, trainable_only=trainable_only) as writer:
@@ -58,8 +58,6 @@ def whole_parameters(model, trainable_only: bool) -> Iterator[bool]:
 
 def trainable_fingerprint(model) -> str:
     """A hash of every trainable weight: equal on every DDP rank when they stayed in step."""
-    import torch
-
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if param.requires_grad:

@@ -1,21 +1,15 @@
-"""Vision SFT (`data.format: vision`): chats with images. What a row must hold and what is refused
-before anything loads, the plan, and real training on the CPU: a tiny random-init Gemma 3
-image-text model (built offline) trains on bundled images, its loss falling, in one process and in
-two-process DDP (gloo), with LoRA on the parts the recipe chooses.
-
-On the CPU, where Unsloth's backend has no vision models, transformers and PEFT load the model
-with the LoRA targets Unsloth's get_peft_regex picks; on a GPU Unsloth's FastVisionModel and its
-vision collator do (trainer/models.py, trainer/methods.py)."""
+"""Vision SFT (`data.format: vision`), before anything trains: what a row must hold, how it is shaped
+for the trainer, what is refused before anything loads, and the plan of the bundled recipes.
+Training: test_vision_training.py; the exports and generate: test_vision_export.py."""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, plan_for, run_cli
+from conftest import ROOT, plan_for, run_cli
 
 from entrypoint import gpus, memory
 from recipes import catalog, formats
@@ -79,21 +73,18 @@ def vision_data(source: str):
 
 
 def test_images_go_before_the_first_user_text_when_the_chat_has_no_image_parts():
-    from trainer import data
-
     row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, ANSWER],
            "images": ["images/red.png", "images/blue.png"]}  # fmt: skip
-    shaped = data.shape_row(row, vision_data(str(DATA / "colours.jsonl")))
+    shaped = formats.shape_row(row, "vision", vision_data(str(DATA / "colours.jsonl")))
     assert [p["type"] for p in shaped["messages"][1]["content"]] == ["image", "image", "text"]
     assert shaped["messages"][0]["content"] == [{"type": "text", "text": "Be brief."}]
     assert shaped["images"] == [str(DATA / "images" / "red.png"), str(DATA / "images" / "blue.png")]
 
 
 def test_a_chat_with_image_parts_keeps_them_where_they_are():
-    from trainer import data
 
     row = {"messages": [user(TEXT, IMAGE), ANSWER], "images": ["images/red.png"]}
-    shaped = data.shape_row(row, vision_data(str(DATA)))
+    shaped = formats.shape_row(row, "vision", vision_data(str(DATA)))
     assert [p["type"] for p in shaped["messages"][0]["content"]] == ["text", "image"]
     assert shaped["images"] == [str(DATA / "images" / "red.png")]  # a folder source: relative to it
 
@@ -260,197 +251,3 @@ def test_a_vision_tower_is_read_from_config_json_whatever_its_family_calls_its_s
     assert memory.vision_tower(gemma3) == (1152, 4304, 27)
     assert memory.vision_tower(qwen2_5_vl) == (1280, 3420, 32)
     assert memory.vision_tower({"hidden_size": 64}) is None
-
-
-# ---- training on the CPU
-
-
-def metrics_of(folder: Path) -> dict:
-    return json.loads((folder / "outputs" / "tiny-vision" / "metrics.json").read_text())
-
-
-def adapter_keys(folder: Path) -> list[str]:
-    from safetensors.torch import load_file
-
-    return sorted(load_file(folder / "outputs" / "tiny-vision" / "adapter" / "adapter_model.safetensors"))
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("processes", ["1", "2"])
-def test_a_tiny_vision_model_trains_on_bundled_images_and_its_loss_falls(tmp_path, processes):
-    done = run_cli("run", str(TINY), cwd=tmp_path, env=clean_env(CPU_PROCESSES=processes))
-    assert done.returncode == 0, done.stderr[-3000:]
-    m = metrics_of(tmp_path)
-    assert (m["steps"], m["world_size"]) == (30, int(processes))
-    assert m["final_loss"] < m["first_loss"] and m["tokens"] > 0
-    assert [s for s, _ in m["eval_losses"]] == [0, 15, 30] and m["eval_losses"][-1][1] < m["eval_losses"][0][1]
-    assert len(m["trainable_fingerprints"]) == int(processes) and len(set(m["trainable_fingerprints"])) == 1
-    keys = adapter_keys(tmp_path)
-    assert any(".vision_tower." in k for k in keys) and any(".language_model." in k for k in keys)
-    assert (tmp_path / "outputs" / "tiny-vision" / "adapter" / "processor_config.json").is_file()
-
-
-@pytest.fixture(scope="module")
-def language_only_run(tmp_path_factory) -> Path:
-    """A short run whose LoRA leaves the vision tower alone (lora.finetune_vision_layers=false)."""
-    folder = tmp_path_factory.mktemp("language-only")
-    overrides = ["lora.finetune_vision_layers=false", "data.eval_fraction=null"]
-    done = run_cli("run", str(TINY), *overrides, "training.eval_steps=0", cwd=folder)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder
-
-
-@pytest.mark.e2e
-def test_lora_leaves_the_vision_tower_alone_when_the_recipe_says_so(language_only_run):
-    keys = adapter_keys(language_only_run)
-    assert keys and not any(".vision_tower." in k for k in keys)
-    assert all(".language_model." in k for k in keys)
-
-
-def image_and_question(processor):
-    from PIL import Image
-
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this?"}]}]
-    text = processor.apply_chat_template(chat, add_generation_prompt=True)
-    return processor(text=[text], images=[[Image.open(DATA / "images" / "red.png")]], return_tensors="pt")
-
-
-@pytest.mark.e2e
-def test_a_vision_run_exports_a_merged_image_text_model_that_answers_as_base_plus_adapter(language_only_run):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    run = language_only_run / "outputs" / "tiny-vision"
-    done = run_cli("export", str(run), "--to", "merged_16bit", cwd=language_only_run)
-    assert done.returncode == 0, done.stderr[-3000:]
-    merged = AutoModelForImageTextToText.from_pretrained(run / "merged_16bit", dtype=torch.float32)
-    assert merged.config.vision_config is not None, "the vision tower is part of the merged model"
-    (base_config,) = (run / "random-model").glob("*/config.json")
-    base = AutoModelForImageTextToText.from_pretrained(base_config.parent, dtype=torch.float32)
-    expected = PeftModel.from_pretrained(
-        AutoModelForImageTextToText.from_pretrained(base_config.parent, dtype=torch.float32), str(run / "adapter")
-    )
-    inputs = image_and_question(AutoProcessor.from_pretrained(run / "merged_16bit"))
-    with torch.no_grad():
-        got, want, untrained = merged(**inputs).logits, expected(**inputs).logits, base(**inputs).logits
-    # What the adapter changes survives the merge, up to 16-bit rounding (here 0.7% of it).
-    assert (got - want).abs().max() < 0.03 * (untrained - want).abs().max()
-
-
-@pytest.mark.e2e
-def test_generate_answers_a_question_about_an_image_with_the_trained_model(language_only_run):
-    run = language_only_run / "outputs" / "tiny-vision"
-    image = DATA / "images" / "blue.png"
-    done = run_cli("generate", str(run), "--prompt", "What colour?", "--image", str(image), "--max-new-tokens", "4",
-                   cwd=language_only_run)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("It is"), done.stdout  # every answer of the training data starts so
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["export", "{run}", "--to", "gguf:q8_0"], r"export --to gguf of run tiny-vision: it trained a vision model"),
-        (["generate", "{run}", "--prompt", "Hi", "--image", "gone.png"], r"--image 'gone.png' is not a file"),
-        (["generate", "{run}", "--prompt", "Hi", "--image", "{text}"], r"--image '.*notes.png' is not an image PIL"),
-    ],
-)
-def test_what_a_vision_run_cannot_do_yet_is_refused_with_the_fix(language_only_run, args, message):
-    run = language_only_run / "outputs" / "tiny-vision"
-    text = language_only_run / "notes.png"  # a text file, named like an image
-    text.write_text("not an image\n")
-    done = run_cli(*[a.format(run=run, text=text) for a in args], cwd=language_only_run)
-    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
-    assert "Traceback" not in done.stderr
-
-
-def test_an_image_for_a_text_run_is_refused(tmp_path):
-    from entrypoint import followup
-    from recipes.runs import Run
-
-    text_run = Run(tmp_path, catalog.load("smoke").recipe, trained=tmp_path / "adapter", checkpoint=None)
-    with pytest.raises(BadInput, match="trained a text model .*, which takes no images; leave --image out"):
-        followup.check_image(text_run, str(DATA / "images" / "red.png"))
-
-
-# ---- the GPU path, wired as Unsloth's API takes it (no GPU here: Unsloth's classes stand in)
-
-
-def parameters_of(module_file: str, cls: str, function: str) -> set[str]:
-    """The parameter names of an Unsloth method, from its source file (not imported)."""
-    import ast
-    import importlib.util
-
-    origin = importlib.util.find_spec("unsloth").origin
-    tree = ast.parse((Path(origin).parent / module_file).read_text())
-    klass = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
-    method = next(n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == function)
-    return {a.arg for a in method.args.posonlyargs + method.args.args + method.args.kwonlyargs}
-
-
-def test_on_a_gpu_fast_vision_model_loads_it_and_lora_takes_the_recipes_parts(monkeypatch):
-    import torch
-    import unsloth
-
-    from trainer import models
-
-    calls: dict[str, dict] = {}
-
-    class Recorder:
-        @staticmethod
-        def from_pretrained(**kwargs):
-            calls["load"] = kwargs
-            return "model", "processor"
-
-        @staticmethod
-        def get_peft_model(model, **kwargs):
-            calls["peft"] = kwargs
-            return "model with LoRA"
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(unsloth, "FastVisionModel", Recorder)
-    recipe = catalog.load("gemma-3-4b-vision-sft").recipe
-    assert models.load(recipe, "unsloth/gemma-3-4b-it", {"": 0}) == ("model with LoRA", "processor")
-    assert (calls["load"]["load_in_4bit"], calls["load"]["device_map"]) == (True, {"": 0})
-    peft = calls["peft"]
-    assert (peft["finetune_vision_layers"], peft["finetune_language_layers"]) == (False, True)
-    assert peft["target_modules"] is None, "every linear layer of the chosen parts"
-    # Every keyword is one that Unsloth's GPU functions take (read from their source: importing
-    # Unsloth's GPU modules here would patch transformers for the tests after this one).
-    assert set(calls["load"]) <= parameters_of("models/loader.py", "FastModel", "from_pretrained")
-    assert set(peft) <= parameters_of("models/vision.py", "FastBaseModel", "get_peft_model")
-
-
-def test_on_a_gpu_unsloths_vision_collator_renders_the_chats(monkeypatch):
-    import sys
-
-    import torch
-    import trl
-    import unsloth  # noqa: F401  (installs unsloth.trainer)
-
-    from trainer import methods
-
-    made = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(sys.modules["unsloth.trainer"], "UnslothVisionDataCollator", lambda *a: made.append(a) or a)
-    assert methods.vision_collator("model", "processor") == ("model", "processor") and made
-    recipe = catalog.load(HUB_RECIPES[0]).recipe
-    config = trl.SFTConfig(output_dir="/tmp/unused", **methods.supervised_options(recipe))
-    assert config.dataset_kwargs == {"skip_prepare_dataset": True} and config.remove_unused_columns is False
-    assert methods.shared_arguments(recipe, Path("/tmp/unused"), "bf16")["ddp_find_unused_parameters"] is False
-
-
-@pytest.mark.e2e
-def test_generate_puts_the_image_through_the_processor(language_only_run):
-    from recipes.runs import Run
-    from trainer import generate
-
-    run = Run.read(language_only_run / "outputs" / "tiny-vision")
-    _, processor = generate.load(run)
-    turn = generate.vision_turn("What colour?", str(DATA / "images" / "red.png"))
-    inputs = processor.apply_chat_template(
-        [turn], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    assert "pixel_values" in inputs and inputs["pixel_values"].shape[-2:] == (56, 56)
