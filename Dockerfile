@@ -32,6 +32,9 @@ RUN apt-get -o Acquire::Retries=5 update \
     && rm -rf /var/lib/apt/lists/*
 COPY requirements/image.lock /tmp/image.lock
 # --no-deps: the lock already holds every dependency, resolved for Linux x86-64 + Python 3.12.
+# --require-hashes: pip refuses any file whose sha256 the lock does not hold (a substituted or
+# corrupted wheel). unsloth and unsloth-zoo are in this lock too (requirements/unsloth.txt is the
+# CPU development environment's).
 # Network steps are retried: pip retries each request, and the whole install runs up to three
 # times, reusing what the cache already holds (the cache is removed in the same step).
 # Then out goes what training never loads (about 300 MB): Unsloth's bundled web app studio/ (82 MB,
@@ -43,7 +46,7 @@ COPY requirements/image.lock /tmp/image.lock
 RUN python3.12 -m venv /opt/venv \
     && for try in 1 2 3; do \
          /opt/venv/bin/pip install --disable-pip-version-check --retries 10 --timeout 60 \
-           --cache-dir /tmp/pip-cache --no-deps -r /tmp/image.lock && break; \
+           --cache-dir /tmp/pip-cache --no-deps --require-hashes -r /tmp/image.lock && break; \
          if [ "$try" = 3 ]; then exit 1; fi; \
          echo "pip install failed (try $try of 3); retrying" >&2; sleep $((try * 15)); \
        done \

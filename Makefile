@@ -13,10 +13,12 @@ IMAGE  ?= unsloth-recipes
 
 # Every package is pinned in a lock and installed with --no-deps: nothing is resolved here, so
 # what the package index publishes later cannot change this environment (requirements/lock.py).
+# --require-hashes: pip refuses any file whose sha256 the lock does not hold. The project itself
+# is a pip call of its own: an editable install has no hash.
 $(STAMP): requirements/cpu-dev.lock requirements/unsloth.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-deps -r requirements/cpu-dev.lock
-	$(PY) -m pip install --quiet --no-deps -r requirements/unsloth.txt
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/cpu-dev.lock
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/unsloth.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -32,8 +34,8 @@ test: $(STAMP)
 image:
 	IMAGE=$(IMAGE) .ci/image.sh
 
-# Re-resolve requirements/*.in into their locks as of now (after editing an .in file, or to take
-# newer releases on purpose); commit the .in and .lock files together.
+# Re-resolve requirements/*.in into their locks, with every file's sha256, as of now (after
+# editing an .in file, or to take newer releases on purpose); commit the .in and .lock files together.
 lock: $(STAMP)
 	$(PY) requirements/lock.py write
 

@@ -80,14 +80,16 @@ def test_every_network_step_of_the_build_is_retried():
 
 def test_the_image_installs_the_lock_and_nothing_else():
     # A torch from another index, reinstalled --no-deps over the lock's CUDA 13 libraries, would
-    # not import; every package comes from the lock, resolved as a whole.
+    # not import; every package comes from the lock, resolved as a whole, and every file must have
+    # a hash the lock holds.
     runs = " ".join(rest for word, rest in instructions() if word == "RUN")
     installs = [shlex.split(args) for args in re.findall(r"/bin/pip install ([^;&]*)", runs)]
     assert installs
     for words in installs:
         takes_value = {"-r", "--retries", "--timeout", "--cache-dir"}
         named = [w for i, w in enumerate(words) if not w.startswith("-") and words[i - 1] not in takes_value]
-        assert named == [] and "--no-deps" in words and words[words.index("-r") + 1] == "/tmp/image.lock", words
+        assert named == [] and {"--no-deps", "--require-hashes"} <= set(words), words
+        assert words[words.index("-r") + 1] == "/tmp/image.lock", words
         assert not any("index-url" in w or "find-links" in w for w in words), words
 
 
