@@ -4,12 +4,14 @@ N GPUs, the model parallel run of a model no single GPU holds, and faults under 
     python bench/multigpu.py --out docs/benchmarks/multigpu-h100.json                 # the whole matrix
     python bench/multigpu.py --out ... --schedule "1b-16bit-single; 8b-4bit-single; 1b-16bit-ddp2|8b-4bit-ddp2"
     python bench/multigpu.py --out ... --schedule "70b-16bit-auto2|faults; 70b-16bit-auto4"
+    python bench/multigpu.py --out ... --schedule big --models /dev/shm/models        # a model no GPU holds
     python bench/multigpu.py --tiny --out /tmp/multigpu-cpu.json     # checks the benchmark itself on the CPU
+    python bench/multigpu.py --tiny --schedule big --out /tmp/big-cpu.json
 
 Every run is a fresh `python -m entrypoint run RECIPE` with PARALLELISM, NUM_GPUS and
 CUDA_VISIBLE_DEVICES set as a user would, after `python -m entrypoint plan RECIPE --json` with the
 same environment (the planner's per-GPU estimate and its choice under `auto`). A job is
-MODEL-LOAD-MODE[N]: a shape of bench/settings.py, 16bit or 4bit LoRA, and single, ddp, fsdp,
+MODEL-LOAD-MODE[N]: a shape of bench/settings.py, 16bit or 4bit LoRA or full fine-tuning, and single, ddp, fsdp,
 model or auto over N GPUs; a trailing `*` leaves CUDA_VISIBLE_DEVICES unset (NUM_GPUS alone picks
 the GPUs); `faults` is SIGTERM under ddp and fsdp (checkpoint, exit 143, resume) and a killed
 rank, on two GPUs. The schedule is waves separated by `;`, each wave lanes separated by `|` that
@@ -61,7 +63,7 @@ DATA_STEPS = 160
 # Seconds a job takes, for the deadline, until one of its kind has run here.
 GUESS_S = {"tiny": 60, "1b": 80, "8b": 100, "70b": 360, "faults": 150}
 JOB = re.compile(
-    r"^(?P<model>[a-z0-9]+)-(?P<load>16bit|4bit)-(?P<mode>single|ddp|fsdp|model|auto)(?P<n>\d*)(?P<all>\*?)$"
+    r"^(?P<model>[a-z0-9]+)-(?P<load>16bit|4bit|full)-(?P<mode>single|ddp|fsdp|model|auto)(?P<n>\d*)(?P<all>\*?)$"
 )
 
 
@@ -94,6 +96,16 @@ def parse_schedule(text: str) -> list[list[list[Job]]]:
         for wave in text.split(";")
         if wave.strip()
     ]
+
+
+def big_schedule(gpu_count: int, tiny: bool) -> str:
+    """`--schedule big`: a model no GPU holds (the 70B-class shape, bf16 LoRA) sharded with fsdp, then
+    split with model, over the same GPUs; then full fine-tuning of 8B on one GPU and sharded with fsdp.
+    Each run records what auto would choose there (from plan, with the same environment). With --tiny
+    the tiny shape stands in; model parallel needs GPUs, so it is recorded as not run."""
+    model, full = ("tiny", "tiny") if tiny else ("70b", "8b")
+    n = max(gpu_count, 2) if tiny else gpu_count
+    return f"{model}-16bit-fsdp{n}; {model}-16bit-model{n}; {full}-full-single; {full}-full-fsdp{n}"
 
 
 def default_schedule(gpu_count: int, tiny: bool) -> str:
@@ -351,6 +363,7 @@ class Bench:
         entry["plan"] = {k: plan.get(k) for k in ("mode", "reason", "gpu_ids", "num_processes", "device_map", "error")}
         if "memory" in plan:
             entry["estimate_gib"] = plan["memory"]["per_gpu_gib"]
+            entry["estimate_at_load_gib"] = plan["memory"].get("load_per_gpu_gib")
             entry["one_gpu_estimate_gib"] = plan["memory"]["total_gib"]
             one = self.gpus[int(gpu_ids[0])].memory_gib if self.gpus and gpu_ids else None
             entry["gpu_memory_gib"] = one
@@ -360,6 +373,14 @@ class Bench:
             unpinned = {k: v for k, v in env.items() if k not in ("NUM_GPUS", "CUDA_VISIBLE_DEVICES")}
             free = self.plan(recipe, overrides, unpinned)
             entry["auto_without_num_gpus"] = {k: free.get(k) for k in ("mode", "reason", "gpu_ids", "error")}
+        elif job.mode != "auto":
+            # What auto would choose on the same GPUs: no run of its own needed.
+            auto = self.plan(recipe, overrides, {k: v for k, v in env.items() if k != "PARALLELISM"})
+            entry["auto_plan"] = {k: auto.get(k) for k in ("mode", "reason", "gpu_ids", "error")}
+            entry["auto_plan"]["per_gpu_gib"] = auto.get("memory", {}).get("per_gpu_gib")
+        if self.tiny and job.mode == "model":
+            entry["not_run"] = "model parallel splits a model over GPUs; --tiny runs on the CPU"
+            return entry
         argv = ["run", str(recipe), *overrides]
         entry["command"] = self.command_text(env, argv)
         log = out.parent / f"{run_id}.log"
@@ -541,15 +562,9 @@ def summarize(metrics: dict, job: Job, tiny: bool) -> dict:
     per_step = [t / s for t, s in zip(metrics["step_tokens"], metrics["step_times_s"], strict=True) if s > 0]
     peaks = metrics["peak_memory_gib"]  # one dict per rank, keyed by the devices that rank could see
     mode = metrics["mode"]
-    if tiny:
-        per_gpu = [p["cpu"] for p in peaks]
-        foreign = 0.0
-    elif mode in ("ddp", "fsdp"):
-        per_gpu = [p[f"cuda:{rank}"] for rank, p in enumerate(peaks)]
-        foreign = max((v for r, p in enumerate(peaks) for k, v in p.items() if k != f"cuda:{r}"), default=0.0)
-    else:  # single, model: one process, every GPU it was given
-        per_gpu = [peaks[0][f"cuda:{i}"] for i in range(len(peaks[0]))]
-        foreign = 0.0
+    per_gpu, foreign = own_gpus(peaks, mode, tiny)
+    at_load, _ = own_gpus(metrics["peak_memory_at_load_gib"], mode, tiny)
+    host = metrics["peak_host_memory_gib"]  # ru_maxrss per rank: mapped checkpoint pages count too
     return {
         "ran_as": mode,
         "world_size": metrics["world_size"],
@@ -561,13 +576,28 @@ def summarize(metrics: dict, job: Job, tiny: bool) -> dict:
         "steps_measured": metrics["steps_measured"],
         "time_to_first_step_s": metrics["time_to_first_step_s"],
         "peak_memory_gib": per_gpu,
+        "peak_memory_at_load_gib": at_load,
         "peak_memory_by_rank": peaks,
+        "time_to_model_loaded_s": metrics["time_to_model_loaded_s"],
+        "peak_host_memory_gib": host,
+        "peak_host_memory_at_load_gib": metrics["peak_host_memory_at_load_gib"],
+        "host_memory_peak_sum_gib": round(sum(host), 3),  # the ranks of this machine together
         "allocated_on_other_ranks_gpus_gib": foreign,
         "first_loss": metrics["first_loss"],
         "final_loss": metrics["final_loss"],
         "trainable_fingerprints_agree": len(set(metrics["trainable_fingerprints"])) == 1,
         "versions": metrics["versions"],
     }
+
+
+def own_gpus(peaks: list[dict], mode: str, tiny: bool) -> tuple[list[float], float]:
+    """Per GPU, what the rank that owns it peaked at; and the most any rank put on another's GPU."""
+    if tiny:
+        return [p["cpu"] for p in peaks], 0.0
+    if mode in ("ddp", "fsdp"):
+        foreign = max((v for r, p in enumerate(peaks) for k, v in p.items() if k != f"cuda:{r}"), default=0.0)
+        return [p[f"cuda:{rank}"] for rank, p in enumerate(peaks)], foreign
+    return [peaks[0][f"cuda:{i}"] for i in range(len(peaks[0]))], 0.0  # single, model: one process, its GPUs
 
 
 def isolation(entry: dict) -> None:
@@ -626,7 +656,7 @@ def merge(out: Path, new: list[dict], extra: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="JSON results, merged with what is there")
-    parser.add_argument("--schedule", help="waves; lanes | jobs (default: the whole matrix for the GPUs here)")
+    parser.add_argument("--schedule", help="waves; lanes | jobs, or big (default: the whole matrix for the GPUs here)")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU: checks this script")
     parser.add_argument("--work", default="/tmp/unsloth-recipes-multigpu")
     parser.add_argument("--models", help="folder for the model folders (default: WORK/models), e.g. /dev/shm/...")
@@ -644,7 +674,10 @@ def main() -> int:
     bench = Bench(args)
     if not bench.tiny and not bench.gpus:
         raise SystemExit("no GPU visible: use --tiny to check the benchmark on the CPU")
-    text = args.schedule or default_schedule(len(bench.gpus), bench.tiny)
+    if args.schedule == "big":
+        text = big_schedule(len(bench.gpus), bench.tiny)
+    else:
+        text = args.schedule or default_schedule(len(bench.gpus), bench.tiny)
     waves = parse_schedule(text)
     out = Path(args.out)
     command = " ".join(["python", "bench/multigpu.py", *map(shlex.quote, sys.argv[1:])])

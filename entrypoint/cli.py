@@ -151,6 +151,18 @@ def print_plan(plan: Plan) -> None:
             f"one copy: weights {mem['weights_gib']}, trainable {mem['trainable_gib']}, "
             f"activations {mem['activations_gib']}, total {mem['total_gib']})"
         )
+        if plan.mode == "fsdp":
+            how = (
+                f"each rank loads the whole {mem['weights_gib']} GiB of {mem['load_in']} weights before FSDP2 "
+                f"shards them (only 16-bit weights load shard by shard)"
+                if mem["quantized"]
+                else "each rank reads its share of the 16-bit weights (sharded loading)"
+            )
+            load, train = mem["load_per_gpu_gib"], mem["train_per_gpu_gib"]
+            print(f"            loading ~{load} GiB per GPU: {how}; training ~{train}")
+        others = ", ".join(f"{m} ~{gib} GiB" for m, gib in mem.get("alternatives_per_gpu_gib", {}).items())
+        if others:
+            print(f"            per GPU in the other modes: {others}")
     print(f"output      {plan.output_dir}")
     for warning in plan.warnings:
         print(f"warning     {warning}")

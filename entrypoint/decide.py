@@ -6,8 +6,9 @@ It reads top to bottom in named steps:
   on_the_cpu              CPU_PROCESSES, or no GPU at all
   gpus_in_use             NUM_GPUS (or the cluster's processes per node) of the visible GPUs
   explicit                PARALLELISM names the mode
-  auto                    the first candidate that fits: one GPU (single / ddp), fsdp for full
-                          fine-tuning or several machines, model over the fewest GPUs
+  auto                    the first candidate that fits: the whole model on each GPU (single / ddp),
+                          fsdp over every GPU in use, model over the fewest GPUs (where the method or
+                          the data format cannot train under fsdp, or only a split fits)
 Each refusal is a BadInput naming the value and the fix. Pure: no I/O.
 """
 
@@ -222,27 +223,41 @@ def whole_on_each_gpu(s: Situation) -> Iterator[Decision]:
 
 
 def sharded_over_every_rank(s: Situation) -> Iterator[Decision]:
-    """fsdp where model parallel cannot go (several machines) or full fine-tuning's trainable state is big."""
-    full = s.loaded.recipe.model.full_finetuning
+    """fsdp over every GPU in use when the sharded share fits: each GPU trains its own batches on its
+    share of the model, where model parallel would run the layers one GPU at a time."""
+    if s.total < 2 or s.loaded.recipe.refused_in("fsdp") is not None:
+        return
     sharded = memory.per_gpu_gib(s.est, "fsdp", s.total, len(s.chosen), s.one_gpu_gib)
-    if (s.nodes > 1 or full) and s.total > 1 and sharded is not None and memory.fits(sharded, s.one_gpu_gib):
-        why = "model parallel cannot span machines" if s.nodes > 1 else "full fine-tuning shards its trainable state"
+    if sharded is not None and memory.fits(sharded, s.one_gpu_gib):
+        split = memory.per_gpu_gib(s.est, "model", 1, len(s.chosen), s.one_gpu_gib)
+        instead = (
+            "model parallel cannot span machines"
+            if s.nodes > 1
+            else f"model parallel would hold ~{split} GiB on each but run the layers one GPU at a time"
+        )
         yield Decision(
             "fsdp",
             s.chosen,
             s.total,
-            f"auto: the model ({s.size}) does not fit one {s.one_gpu_gib:g} GiB GPU and {why}, so Unsloth's FSDP2 "
-            f"shards it over {s.total} processes (~{sharded} GiB each)",
+            f"auto: the model ({s.size}) does not fit one {s.one_gpu_gib:g} GiB GPU, so Unsloth's FSDP2 shards it "
+            f"over {s.total} processes (~{sharded} GiB each), every GPU training its own batches ({instead})",
         )
 
 
 def split_over_fewest_gpus(s: Situation) -> Iterator[Decision]:
-    """Model parallel over the fewest GPUs whose share fits: more would only add hops between them
-    (one process runs the layers in turn) and hold GPUs that other jobs could use."""
+    """Model parallel over the fewest GPUs whose share fits, where fsdp cannot train the recipe or
+    its share does not fit: more GPUs would only add hops between them (one process runs the layers
+    in turn) and hold GPUs that other jobs could use."""
     if s.nodes > 1:
         return
     wanted = len(s.chosen)
     counts = [wanted] if s.request.num_gpus is not None else range(2, wanted + 1)
+    refused = s.loaded.recipe.refused_in("fsdp")
+    if refused is not None:
+        why_not_fsdp = f"; fsdp is out: {refused[0]} cannot train under it"
+    else:
+        sharded = memory.per_gpu_gib(s.est, "fsdp", s.total, wanted, s.one_gpu_gib)
+        why_not_fsdp = f"; sharded with fsdp it would need ~{sharded} GiB per GPU" if s.total > 1 else ""
     for k in counts:
         share = memory.per_gpu_gib(s.est, "model", 1, k, s.one_gpu_gib)
         if share is not None and memory.fits(share, s.one_gpu_gib):
@@ -252,7 +267,7 @@ def split_over_fewest_gpus(s: Situation) -> Iterator[Decision]:
                 s.chosen[:k],
                 1,
                 f"auto: the model ({s.size}) does not fit one {s.one_gpu_gib:g} GiB GPU, so one process splits it "
-                f"over {k}{of} GPUs (~{share} GiB each)",
+                f"over {k}{of} GPUs (~{share} GiB each){why_not_fsdp}",
             )
             return
 

@@ -75,6 +75,12 @@ CONTRACT = (
         f"`{DEFAULT_OUTPUTS_DIR}` (image: `/workspace/outputs`)",
         "each run writes `OUTPUTS_DIR/<recipe name>/` unless the recipe sets `output.dir`",
     ),
+    Variable(
+        "TAKE_OVER_LOCK",
+        "`1` / `0`",
+        "`0`",
+        "take over the lock of a run folder that a job on another machine held and left (see What survives what)",
+    ),
 )
 
 

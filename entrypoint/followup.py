@@ -108,7 +108,7 @@ def export_plan(request: Request, run: Run, targets: list[tuple[str, tuple[str, 
     words = " ".join(f"{kind}:{','.join(q)}" if q else kind for kind, q in targets)
     command = ["-m", "trainer.export", "--run", str(run.folder), "--to", *words.split()]
     # Merging and the GGUF tools run on the CPU: no GPU is needed or touched.
-    return one_process(request, run, host, command, [], f"export {words}: one process, on the CPU", disk)
+    return one_process(request, run, host, command, [], f"export {words}: one process, on the CPU", disk, True)
 
 
 def disk_gib(params: int | None, targets: list[tuple[str, tuple[str, ...]]], merging: bool) -> float:
@@ -129,12 +129,13 @@ def generate_plan(request: Request, run: Run, host: Host, options: list[str], im
         refuse_untrained(run)
     command = ["-m", "trainer.generate", "--run", str(run.folder), *options]
     where = f"GPUs {','.join(g.id for g in host.gpus)}" if host.gpus else "the CPU"
-    return one_process(request, run, host, command, host.gpus, f"generate: one process, on {where}", 0.0)
+    return one_process(request, run, host, command, host.gpus, f"generate: one process, on {where}", 0.0, False)
 
 
 def one_process(
-    request: Request, run: Run, host: Host, program: list[str], gpus: list, reason: str, disk: float
+    request: Request, run: Run, host: Host, program: list[str], gpus: list, reason: str, disk: float, writes: bool
 ) -> Plan:
+    """One process on the run's folder: export writes into it (holding its lock), generate only reads."""
     return Plan(
         recipe=str(run.recipe.name),
         recipe_file=str(launch_dir(run.folder)),
@@ -154,4 +155,5 @@ def one_process(
         env_unset=list(request.consumed),
         memory={},
         disk_gib=disk,
+        writes_output=writes,
     )

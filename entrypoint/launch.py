@@ -1,4 +1,5 @@
-"""Acting on a plan: write its files, start its command, pass signals on, return its status.
+"""Acting on a plan: take the run folder's lock, write the plan's files, set aside checkpoints a
+killed run left half written, start its command, pass signals on, return its status.
 
 The child runs in its own process group; SIGINT, SIGTERM and SIGHUP sent to the launcher
 (Docker and Kubernetes send SIGTERM to PID 1) are forwarded to that whole group, so
@@ -6,6 +7,9 @@ The child runs in its own process group; SIGINT, SIGTERM and SIGHUP sent to the 
 child's status (128 + signal number when a signal ended it, as a shell reports it). After
 the launcher has passed on a signal, any failure is reported as 128 + that signal: torchrun's
 agent turns its own SIGTERM into exit 1 even when every rank checkpointed and stopped cleanly.
+However the launcher dies (SIGKILL included), its child gets SIGTERM from the kernel
+(recipes/lifetime.py), and the child holds the folder's lock (entrypoint/runlock.py) until it has
+stopped: no orphan trains on beside the next run.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
+from entrypoint import runlock
 from entrypoint.plan import Plan
-from recipes import atomic
+from recipes import atomic, lifetime, runs
 from recipes.errors import BadInput
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -72,10 +78,13 @@ def check_caches(environ: Mapping[str, str]) -> None:
         )
 
 
-def write_files(plan: Plan, environ: Mapping[str, str]) -> None:
+def check_output(plan: Plan, environ: Mapping[str, str]) -> None:
     check_space(Path(plan.output_dir), plan.disk_gib)
     check_writable(Path(plan.output_dir))
     check_caches(environ)
+
+
+def write_files(plan: Plan) -> None:
     for path, text in plan.files.items():
         atomic.write_text(Path(path), text)
 
@@ -84,13 +93,42 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def set_aside_incomplete(folder: Path) -> None:
+    for moved, to in runs.set_aside_incomplete(folder):
+        print(
+            f"warning: {moved} is not a whole checkpoint (a run ended while writing it): moved to {to}; "
+            f"resuming from the newest whole one",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def execute(plan: Plan, started_at: float) -> int:
-    write_files(plan, os.environ)
+    check_output(plan, os.environ)
+    if not plan.writes_output:  # generate: reads a run, which may be training meanwhile
+        write_files(plan)
+        return run(plan, started_at)
+    with runlock.held(Path(plan.output_dir), plan.machine_rank, os.environ) as lock:
+        write_files(plan)
+        set_aside_incomplete(Path(plan.output_dir))
+        return run(plan, started_at, lock)
+
+
+def run(plan: Plan, started_at: float, lock: runlock.Heartbeat | None = None) -> int:
+    """Start the plan's command and wait for it; the child keeps the folder's lock open."""
     # The child reports time-to-first-step from the moment the launcher started.
     env = {**os.environ, **plan.env, "ENTRYPOINT_STARTED_AT": repr(started_at)}
     for name in plan.env_unset:
         env.pop(name, None)
-    child = subprocess.Popen(plan.command, env=env, start_new_session=True)
+    child = subprocess.Popen(
+        plan.command,
+        env=env,
+        start_new_session=True,
+        pass_fds=() if lock is None else (lock.fd,),
+        preexec_fn=lifetime.die_with_parent,  # only a system call between fork and exec; no thread runs
+    )
+    if lock is not None:
+        lock.start()
 
     forwarded: list[int] = []
 

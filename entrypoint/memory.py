@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from recipes.modes import SPECS, Mode
 from recipes.schema import TINY_VISION_TOWER, VISION_ARCHITECTURES, RandomInit, Recipe
@@ -68,6 +68,8 @@ class Estimate:
     total_gib: float  # per GPU when the whole model sits on one GPU
     source: str  # where the parameter count came from
     layers: int | None = None  # decoder blocks, when config.json says
+    embeddings_gib: float = 0.0  # the 16-bit embeddings and output head (within weights_gib), when known
+    quantized: bool = False  # bitsandbytes weights (4- or 8-bit): loaded whole by every process
 
     def as_dict(self) -> dict[str, float | str | None]:
         return asdict(self)
@@ -242,11 +244,18 @@ def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
     if training.grpo is not None:
         # GRPO generates each step's completions first: a 16-bit KV cache for every sequence of the batch.
         activations += tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * KV_BYTES
-    return _estimate(params / 1e9, weights, trainable, activations, source, shape.layers)
+    est = _estimate(recipe, params / 1e9, weights, trainable, activations, source, shape.layers)
+    return replace(est, embeddings_gib=round(embeddings * WEIGHT_BYTES["16bit"] / GIB, 2))
 
 
 def _estimate(
-    params_b: float, weights: float, trainable: float, activations: float, source: str, layers: int | None = None
+    recipe: Recipe,
+    params_b: float,
+    weights: float,
+    trainable: float,
+    activations: float,
+    source: str,
+    layers: int | None = None,
 ) -> Estimate:
     total = (weights + trainable + activations) / GIB + CUDA_OVERHEAD_GIB
     return Estimate(
@@ -257,6 +266,7 @@ def _estimate(
         total_gib=round(total, 2),
         source=source,
         layers=layers,
+        quantized=recipe.model.load_in != "16bit",
     )
 
 
@@ -280,14 +290,21 @@ def estimate(recipe: Recipe, config: Mapping | None = None, config_source: str =
     activations = tokens * ACTIVATION_BYTES_PER_TOKEN_1B * math.sqrt(max(params_b, 0.001) / 1.1)
     if training.grpo is not None:  # as estimate_from_shape, by the parameter count
         activations += tokens * KV_BYTES_PER_TOKEN_8B * math.sqrt(max(params_b, 0.001) / 8)
-    return _estimate(params_b, weights, trainable, activations, source)
+    return _estimate(recipe, params_b, weights, trainable, activations, source)
 
 
 def per_gpu_gib(est: Estimate, mode: Mode, processes: int, gpus: int, gpu_memory_gib: float | None) -> float | None:
-    """What one GPU holds in `mode`, by its rule in the mode table: "whole", the whole model;
-    "split", a slice of the weights and trainable state (`gpus` GPUs of one process); "sharded",
-    a 1/`processes` share of what FSDP2 shards (every rank of every machine holds one), plus the
-    gathered blocks."""
+    """The most one GPU holds in `mode`, loading or training (load_gib, train_gib)."""
+    load = load_gib(est, mode, processes, gpus)
+    train = train_gib(est, mode, processes, gpus, gpu_memory_gib)
+    return None if load is None or train is None else max(load, train)
+
+
+def train_gib(est: Estimate, mode: Mode, processes: int, gpus: int, gpu_memory_gib: float | None) -> float | None:
+    """What one GPU holds while training in `mode`, by its rule in the mode table: "whole", the whole
+    model; "split", a slice of the weights and trainable state (`gpus` GPUs of one process);
+    "sharded", a 1/`processes` share of what FSDP2 shards (every rank of every machine holds one),
+    plus the gathered blocks."""
     if est.params_b is None:
         return None
     rule = SPECS[mode].memory
@@ -302,6 +319,23 @@ def per_gpu_gib(est: Estimate, mode: Mode, processes: int, gpus: int, gpu_memory
             held = (est.weights_gib + est.trainable_gib) / processes + FSDP_GATHERED_BLOCKS * block
         return round(held + fixed, 2)
     return est.total_gib
+
+
+def load_gib(est: Estimate, mode: Mode, processes: int, gpus: int) -> float | None:
+    """What one GPU holds once the model is loaded, before training. Under fsdp a 16-bit model loads
+    shard by shard (Unsloth's sharded loading): each rank reads its share of every linear weight and
+    the embeddings and output head whole; a 4- or 8-bit model cannot be, so each rank loads all of it
+    before FSDP2 shards it."""
+    if est.params_b is None:
+        return None
+    rule = SPECS[mode].memory
+    if rule == "split" and gpus > 1:
+        held = est.weights_gib / gpus
+    elif rule == "sharded" and processes > 1 and SPECS[mode].sharded_load and not est.quantized:
+        held = est.embeddings_gib + (est.weights_gib - est.embeddings_gib) / processes
+    else:
+        held = est.weights_gib
+    return round(held + CUDA_OVERHEAD_GIB, 2)
 
 
 def merge_memory_gib(params: float) -> float:

@@ -56,6 +56,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # path -> text, written by the act step
     generation: str | None = None  # grpo: what generates the completions (vllm, transformers)
+    writes_output: bool = True  # holds the run folder's lock while it runs (generate only reads)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -172,7 +173,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
         command=command,
         env=child_env(mode, chosen, request.pythonpath),
         env_unset=list(request.consumed),
-        memory=est.as_dict() | {"per_gpu_gib": per_gpu},
+        memory=est.as_dict() | per_gpu_figures(est, recipe, mode, processes, chosen, cluster.nnodes),
         disk_gib=disk_needed_gib(est, loaded),
         warnings=memory_warnings(est, mode, chosen, per_gpu) + merge_warnings(recipe, est, host.ram_available_gib),
         files=files,
@@ -191,6 +192,30 @@ def resolve_generation(recipe: Recipe, gpu: bool, vllm: bool) -> tuple[Recipe, s
     chosen = grpo.generation if grpo.generation != "auto" else ("vllm" if gpu and vllm else "transformers")
     training = recipe.training.model_copy(update={"grpo": grpo.model_copy(update={"generation": chosen})})
     return recipe.model_copy(update={"training": training}), chosen
+
+
+def per_gpu_figures(
+    est: memory.Estimate, recipe: Recipe, mode: Mode, processes: int, chosen: list[Gpu], nodes: int
+) -> dict[str, Any]:
+    """What each GPU holds in the chosen mode, loading and training, and in the other modes that
+    could run the recipe on the same GPUs, so the trade is visible."""
+    one_gpu = chosen[0].memory_gib if chosen else None
+    figures: dict[str, Any] = {
+        "load_in": recipe.model.load_in,
+        "per_gpu_gib": memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu),
+        "load_per_gpu_gib": memory.load_gib(est, mode, processes, len(chosen)),
+        "train_per_gpu_gib": memory.train_gib(est, mode, processes, len(chosen), one_gpu),
+    }
+    total = len(chosen) * nodes
+    others: dict[str, float | None] = {}
+    if total > 1 and est.params_b is not None:
+        for other in ("ddp", "fsdp", "model"):
+            if other == mode or recipe.refused_in(other) or (other == "model" and nodes > 1):
+                continue
+            shared_by = 1 if other == "model" else total
+            others[other] = memory.per_gpu_gib(est, other, shared_by, len(chosen), one_gpu)
+    figures["alternatives_per_gpu_gib"] = others
+    return figures
 
 
 def merge_warnings(recipe: Recipe, est: memory.Estimate, ram_gib: float | None) -> list[str]:

@@ -23,7 +23,6 @@ from entrypoint.host import Host
 from recipes import exports, modes
 from recipes.errors import BadInput
 from recipes.formats import refuse_quantized_images_on_cpu
-from recipes.methods import METHODS
 from recipes.modes import Mode
 from recipes.schema import Recipe
 
@@ -45,16 +44,13 @@ def gguf_without_llama_cpp(recipe: Recipe, host: Host) -> None:
 def format_or_method_in_mode(recipe: Recipe, mode: Mode) -> None:
     """A data format or a method that cannot train in this mode (the tables of recipes/formats.py
     and recipes/methods.py)."""
-    fmt, method = recipe.format, METHODS[recipe.training.method]
-    for what, refused, why in (
-        (f"data.format {fmt.name}", fmt.refused_modes, fmt.why_refused),
-        (f"training.method {method.name}", method.refused_modes, method.why_refused),
-    ):
-        if mode in refused:
-            raise BadInput(
-                f"{what} cannot train under PARALLELISM={mode}: {why}; use PARALLELISM=ddp (one whole model per "
-                f"GPU), or model for a model too big for one GPU"
-            )
+    refused = recipe.refused_in(mode)
+    if refused is not None:
+        what, why = refused
+        raise BadInput(
+            f"{what} cannot train under PARALLELISM={mode}: {why}; use PARALLELISM=ddp (one whole model per "
+            f"GPU), or model for a model too big for one GPU"
+        )
 
 
 def images_for_a_text_model(recipe: Recipe, config: Mapping | None, source: str) -> None:

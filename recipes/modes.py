@@ -47,6 +47,7 @@ class Spec:
     min_processes: int = 1
     child_env: Mapping[str, str] = field(default_factory=dict)
     sixteen_bit_on_cpu: bool = False  # bitsandbytes weights are quantized on a GPU only
+    sharded_load: bool = False  # each process reads only its share of 16-bit weights (Unsloth's sharded loading)
 
     def device_map(self, cuda: bool, local_rank: int | str = "LOCAL_RANK") -> Any:
         """What a process passes to from_pretrained (the plan shows LOCAL_RANK by name)."""
@@ -62,9 +63,11 @@ SPECS: dict[Mode, Spec] = {
              memory="whole"),
         Spec("ddp", ("data", "data-parallel"), multi_process=True, spans_machines=True, runs_on_cpu=True,
              placement="own", memory="whole"),
-        # Each rank loads the whole model on its own GPU; Unsloth shards it inside Trainer.__init__.
+        # Each rank reads only its share of a 16-bit model's linear weights (a 4/8-bit model whole);
+        # Unsloth's FSDP2 shards the rest inside Trainer.__init__.
         Spec("fsdp", ("fsdp2", "sharded"), multi_process=True, spans_machines=True, runs_on_cpu=True,
-             placement="own", memory="sharded", min_processes=2, child_env=FSDP_ENV, sixteen_bit_on_cpu=True),
+             placement="own", memory="sharded", min_processes=2, child_env=FSDP_ENV, sixteen_bit_on_cpu=True,
+             sharded_load=True),
         # One process: accelerate splits the layers over every visible GPU.
         Spec("model", ("balanced", "model-parallel", "mp"), multi_process=False, spans_machines=False,
              runs_on_cpu=False, placement="balanced", memory="split"),

@@ -3,34 +3,48 @@ training program and the commands after training (`export`, `generate`).
 
     <output>/launch/recipe.yaml          the recipe as resolved when it was launched, the plan, the
              launch/node-N/              accelerate config (node-N/: each machine of a job of several)
-    <output>/checkpoints/checkpoint-N/   checkpoints (output.save_steps)
+    <output>/checkpoints/checkpoint-N/   checkpoints (output.save_steps); whole once checkpoint.json
+                                         is in it, which the training program writes last
+    <output>/checkpoints-incomplete/     checkpoints a killed run left half written, set aside
     <output>/adapter/ or model/          the trained adapter, or the whole model (full fine-tuning)
     <output>/merged_16bit/, gguf/        exports, listed in exports.json
     <output>/metrics.json, tensorboard/  what the run measured
     <output>/random-model/               a random-init recipe's model, built offline
+    <output>/.lock                       held by the job writing the folder (entrypoint/runlock.py)
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from recipes import atomic
 from recipes.errors import BadInput
 from recipes.schema import Recipe
 
 DEFAULT_OUTPUTS_DIR = "outputs"  # OUTPUTS_DIR's default: runs go to ./outputs/<recipe name>
 PREQUANTIZED = re.compile(r"(-unsloth)?-bnb-4bit$|-bnb-8bit$", re.IGNORECASE)
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+CHECKPOINTS = "checkpoints"
+INCOMPLETE = "checkpoints-incomplete"
+WHOLE = "checkpoint.json"  # written last into a checkpoint, once every rank has written its part
 
 
 def launch_dir(folder: Path, node_rank: int = 0, nnodes: int = 1) -> Path:
     """Where a launcher writes its launch files: machines of one job may share the output folder."""
     return folder / "launch" / (f"node-{node_rank}" if nnodes > 1 else "")
+
+
+def lock_file(folder: Path, node_rank: int = 0) -> Path:
+    """The lock a job's launcher holds on the folder; each machine of a job of several holds its own."""
+    return folder / (".lock" if node_rank == 0 else f".lock-node-{node_rank}")
 
 
 def folder_of(recipe: Recipe, outputs_dir: str | None, cwd: str | Path) -> Path:
@@ -49,7 +63,11 @@ class Run:
 
     @property
     def checkpoints(self) -> Path:
-        return self.folder / "checkpoints"
+        return self.folder / CHECKPOINTS
+
+    @property
+    def incomplete(self) -> Path:
+        return self.folder / INCOMPLETE
 
     @property
     def adapter(self) -> Path:
@@ -173,7 +191,54 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def checkpoints_in(folder: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint-N folder, whole or not, oldest first."""
+    found = [(step, p) for p in folder.glob("checkpoint-*") if (step := checkpoint_step(p)) is not None and p.is_dir()]
+    return sorted(found)
+
+
+def whole(checkpoint: Path) -> dict[str, Any] | None:
+    """What a whole checkpoint records of the run that wrote it (its step, world size, batch...);
+    None when it is not whole: a run ended while writing it."""
+    try:
+        facts = json.loads((checkpoint / WHOLE).read_text())
+    except (OSError, ValueError):
+        return None
+    return facts if isinstance(facts, dict) and facts.get("step") == checkpoint_step(checkpoint) else None
+
+
 def newest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint-N folder with the highest N."""
-    steps = [(step, p) for p in folder.glob("checkpoint-*") if (step := checkpoint_step(p)) is not None and p.is_dir()]
-    return max(steps)[1] if steps else None
+    """The whole checkpoint-N folder with the highest N: training resumes from it, export falls back to it."""
+    return next((p for _, p in reversed(checkpoints_in(folder)) if whole(p) is not None), None)
+
+
+def mark_whole(checkpoint: Path, facts: dict[str, Any]) -> None:
+    atomic.write_text(checkpoint / WHOLE, json.dumps({"step": checkpoint_step(checkpoint), **facts}, indent=2) + "\n")
+
+
+def keep_newest(folder: Path, keep: int) -> list[Path]:
+    """Remove whole checkpoints older than the `keep` newest whole ones; never one that is not whole
+    (the one being written), so the newest whole checkpoint always stays."""
+    complete = [p for _, p in checkpoints_in(folder) if whole(p) is not None]
+    removed = complete[: max(len(complete) - keep, 0)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def set_aside_incomplete(run_folder: Path) -> list[tuple[Path, Path]]:
+    """Move every checkpoint that is not whole out of checkpoints/ into checkpoints-incomplete/
+    (never deleted: what is in one may still help someone): -> (from, to) of each. Only a job that
+    holds the folder's lock may call it, or it could move the checkpoint another job is writing."""
+    moved = []
+    for _, path in checkpoints_in(run_folder / CHECKPOINTS):
+        if whole(path) is None:
+            target = run_folder / INCOMPLETE / path.name
+            serial = 1
+            while target.exists():
+                serial += 1
+                target = run_folder / INCOMPLETE / f"{path.name}.{serial}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+            moved.append((path, target))
+    return moved

@@ -344,6 +344,17 @@ class Recipe(Strict):
         """It trains an image-text model on chats about images (loaded with its processor)."""
         return self.format.images
 
+    def refused_in(self, mode: str) -> tuple[str, str] | None:
+        """(what refuses it, why) when its data format or its method cannot train in `mode`."""
+        method = METHODS[self.training.method]
+        for what, refused, why in (
+            (f"data.format {self.format.name}", self.format.refused_modes, self.format.why_refused),
+            (f"training.method {method.name}", method.refused_modes, method.why_refused),
+        ):
+            if mode in refused:
+                return what, why
+        return None
+
     def _vision_consistent(self) -> None:
         """Images need a vision-language model; the vision parts of lora mean nothing without images."""
         vision = self.vision

@@ -145,7 +145,7 @@ def test_a_disk_too_small_for_the_outputs_is_reported_before_anything_is_written
     env = {"OUTPUTS_DIR": str(tmp_path / "runs")}
     p = plan_for(env, catalog.load("smoke"), [], str(tmp_path))
     with pytest.raises(BadInput, match=r"GiB free but the run will write ~1e\+06 GiB"):
-        launch.write_files(dataclasses.replace(p, disk_gib=1e6), {})
+        launch.check_output(dataclasses.replace(p, disk_gib=1e6), {})
     assert list(tmp_path.iterdir()) == []
 
 

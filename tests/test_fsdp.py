@@ -8,13 +8,25 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import plan_for, run_training_program, write_recipe
+from conftest import clean_env, plan_for, run_cli, run_training_program, write_recipe
 
 from entrypoint import gpus, memory, plan
 from recipes import catalog
 from recipes.errors import BadInput
 
 SMOKE = catalog.load("smoke")
+
+BIG_4BIT = """
+model:
+  name: meta-llama/Llama-3.3-70B-Instruct
+  load_in: 4bit
+  max_seq_length: 2048
+data:
+  source: someorg/some-chats
+  format: messages
+training:
+  per_device_batch_size: 1
+"""
 
 FULL_8B = """
 model:
@@ -130,7 +142,7 @@ def test_fsdp_shards_everything_when_the_weights_are_too_big_for_the_fit_layout(
 def test_auto_shards_full_fine_tuning_that_does_not_fit_one_gpu_with_fsdp(full_8b):
     p = make({}, gpus.assumed("4x80"), loaded=full_8b)
     assert (p.mode, p.num_processes) == ("fsdp", 4)
-    assert "full fine-tuning shards its trainable state" in p.reason
+    assert "every GPU training its own batches" in p.reason
     assert p.memory["per_gpu_gib"] < p.memory["total_gib"] and not p.warnings
 
 
@@ -158,8 +170,51 @@ def test_full_fine_tuning_that_fits_nowhere_suggests_an_8bit_optimizer_not_a_4bi
         make({}, gpus.assumed("1x80"), loaded=full_8b)
 
 
-def test_auto_keeps_model_parallel_for_lora_on_one_machine(big_recipe):
-    assert make({}, gpus.assumed("4x80"), loaded=catalog.load(str(big_recipe))).mode == "model"
+@pytest.mark.parametrize("inventory", ["4x80", "8x80", "2x141"])
+def test_auto_shards_a_lora_model_no_gpu_holds_over_every_gpu_in_use(big_recipe, inventory):
+    # Every GPU trains its own batches: model parallel would run the layers one GPU at a time.
+    p = make({}, gpus.assumed(inventory), loaded=catalog.load(str(big_recipe)))
+    count, gib = (float(n) for n in inventory.split("x"))
+    assert (p.mode, p.num_processes, len(p.gpu_ids)) == ("fsdp", count, count)
+    assert "does not fit one" in p.reason and "every GPU training its own batches" in p.reason
+    assert "model parallel would hold ~" in p.reason and p.memory["per_gpu_gib"] <= 0.92 * gib
+
+
+def test_auto_keeps_model_parallel_where_only_a_split_fits(tmp_path):
+    # A 4-bit load cannot be sharded as it loads: every rank would hold all 4-bit weights (~37 GiB) first.
+    recipe = write_recipe(tmp_path, "big-4bit", BIG_4BIT)
+    p = make({}, gpus.assumed("4x24"), loaded=catalog.load(str(recipe)))
+    assert p.mode == "model" and "sharded with fsdp it would need ~" in p.reason
+
+
+def test_the_plan_shows_each_gpus_memory_in_the_other_modes(big_recipe):
+    p = make({}, gpus.assumed("4x80"), loaded=catalog.load(str(big_recipe)))
+    others = p.memory["alternatives_per_gpu_gib"]
+    assert set(others) == {"ddp", "model"} and others["ddp"] == p.memory["total_gib"]
+    assert others["model"] < p.memory["per_gpu_gib"] < others["ddp"]
+
+
+def test_a_16bit_model_loads_shard_by_shard_under_fsdp(big_recipe):
+    p = make({"PARALLELISM": "fsdp"}, gpus.assumed("4x80"), loaded=catalog.load(str(big_recipe)))
+    mem = p.memory
+    assert mem["load_per_gpu_gib"] == pytest.approx(mem["weights_gib"] / 4 + memory.CUDA_OVERHEAD_GIB, abs=0.02)
+    assert mem["per_gpu_gib"] == max(mem["load_per_gpu_gib"], mem["train_per_gpu_gib"])
+
+
+def test_a_quantized_load_under_fsdp_counts_the_whole_model_on_every_rank_while_it_loads(tmp_path):
+    recipe = write_recipe(tmp_path, "big-4bit", BIG_4BIT)
+    p = make({"PARALLELISM": "fsdp"}, gpus.assumed("4x80"), loaded=catalog.load(str(recipe)))
+    mem = p.memory
+    assert mem["load_per_gpu_gib"] == pytest.approx(mem["weights_gib"] + memory.CUDA_OVERHEAD_GIB, abs=0.02)
+    assert mem["per_gpu_gib"] == mem["load_per_gpu_gib"] > mem["train_per_gpu_gib"]
+
+
+def test_plan_says_how_fsdp_loads_a_quantized_model(tmp_path):
+    recipe = write_recipe(tmp_path, "big-4bit", BIG_4BIT)
+    env = clean_env(PARALLELISM="fsdp")
+    done = run_cli("plan", str(recipe), "--assume-gpus", "4x80", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "each rank loads the whole" in done.stdout and "only 16-bit weights load shard by shard" in done.stdout
 
 
 # ---- the training program

@@ -82,14 +82,20 @@ def test_auto_on_one_gpu_is_single():
     assert make({}, INVENTORIES["1x80"]).mode == "single"
 
 
-def test_auto_picks_model_parallel_when_the_model_cannot_fit_one_gpu(big_recipe):
-    p = make({}, INVENTORIES["4x80"], loaded=catalog.load(str(big_recipe)))
+# GRPO generates with the whole model in each process, so fsdp cannot train it: a model no GPU holds
+# is split over the GPUs instead (model parallel).
+GRPO = ["training.method=grpo", "data.format=prompt", "training.grpo.rewards=[answer_tags]"]
+
+
+def test_auto_picks_model_parallel_when_the_model_cannot_fit_one_gpu_and_fsdp_cannot_train_it(big_recipe):
+    p = make({}, INVENTORIES["4x80"], loaded=catalog.load(str(big_recipe), GRPO))
     assert p.mode == "model" and p.num_processes == 1 and p.device_map == "balanced"
     assert "does not fit one 80 GiB GPU" in p.reason
+    assert "fsdp is out: training.method grpo cannot train under it" in p.reason
 
 
 def test_auto_splits_a_model_over_the_fewest_gpus_it_needs(big_recipe):
-    loaded = catalog.load(str(big_recipe))
+    loaded = catalog.load(str(big_recipe), GRPO)
     p = make({}, gpus.assumed("8x80"), loaded=loaded)
     k = len(p.gpu_ids)
     assert p.mode == "model" and 1 < k < 8 and f"over {k} of the 8 GPUs" in p.reason
@@ -100,7 +106,7 @@ def test_auto_splits_a_model_over_the_fewest_gpus_it_needs(big_recipe):
 
 
 def test_an_explicit_num_gpus_is_used_whole_by_auto_model_parallel(big_recipe):
-    p = make({"NUM_GPUS": "8"}, gpus.assumed("8x80"), loaded=catalog.load(str(big_recipe)))
+    p = make({"NUM_GPUS": "8"}, gpus.assumed("8x80"), loaded=catalog.load(str(big_recipe), GRPO))
     assert p.mode == "model" and len(p.gpu_ids) == 8
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipes import catalog, exports, modes
+from recipes import catalog, exports, lifetime, modes
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 from recipes.modes import FSDP_SWITCH, SPECS, TRAP_EXPLAINED, Mode
 from recipes.runs import Run, folder_of
@@ -45,7 +45,9 @@ class Job:
     world_size: int
     local_rank: int
     resume: Path | None  # the checkpoint to resume from
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.time)  # this process
+    # The launcher's start, which time-to-first-step counts from (this process's when started by hand).
+    launched: float = field(default_factory=lambda: float(os.environ.get("ENTRYPOINT_STARTED_AT", time.time())))
 
     @property
     def recipe(self) -> Recipe:
@@ -104,6 +106,7 @@ def import_stack(job: Job) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    lifetime.follow_parent()
     try:
         job = prepare(argv)
         cuda = import_stack(job)

@@ -41,7 +41,7 @@ def shared_arguments(run: Run, precision: str) -> dict[str, Any]:
         report_to=[] if log.report_to == "none" else [log.report_to],
         save_strategy="steps" if o.save_steps else "no",
         save_steps=o.save_steps or 500,
-        save_total_limit=o.keep_checkpoints,
+        save_total_limit=None,  # trainer/checkpoints.py keeps output.keep_checkpoints, whole ones only
         dataloader_num_workers=0,
         ddp_timeout=t.collective_timeout_s,
         ddp_find_unused_parameters=False if every_weight_learns_every_step(recipe) else None,
@@ -166,30 +166,4 @@ def make_trainer(run: Run, model, tokenizer, dataset, eval_dataset, precision: s
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    resumable_on_cpu_ddp(trainer)
     return trainer
-
-
-def resumable_on_cpu_ddp(trainer) -> None:
-    """transformers (5.17) loads the optimizer state of a multi-process run with
-    map_location=args.device, which on the CPU is "cpu:0": torch.load cannot restore to that, so
-    resuming CPU DDP fails. Map it to "cpu" while that one method runs; GPU runs are untouched."""
-    if torch.cuda.is_available() or trainer.args.world_size <= 1:
-        return
-    original = trainer._load_optimizer_and_scheduler
-
-    def load(checkpoint):
-        real_load = torch.load
-
-        def cpu_load(*args, **kwargs):
-            if "map_location" in kwargs:
-                kwargs["map_location"] = "cpu"
-            return real_load(*args, **kwargs)
-
-        torch.load = cpu_load
-        try:
-            return original(checkpoint)
-        finally:
-            torch.load = real_load
-
-    trainer._load_optimizer_and_scheduler = load

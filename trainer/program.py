@@ -34,7 +34,7 @@ from accelerate.utils import gather_object
 
 from recipes import atomic, exports
 from recipes.modes import SPECS
-from trainer import data, export, models, preemption, progress, random_model, save
+from trainer import checkpoints, data, export, models, preemption, progress, random_model, save
 from trainer.methods import make_trainer
 
 if TYPE_CHECKING:  # the entry module (python -m trainer) makes the Job; importing it would run it again
@@ -50,11 +50,15 @@ VERSIONS = {"unsloth": unsloth, "torch": torch, "transformers": transformers, "t
 def build_trainer(job: Job, model, tokenizer, dataset, eval_dataset):
     """The method's trainer, with progress recorded and SIGTERM handled; (trainer, recorder, stopper)."""
     record = progress.Recorder(job.world_size)
-    trainer = make_trainer(job.run, model, tokenizer, dataset, eval_dataset, job.precision, [record])
+    marker = checkpoints.WholeCheckpoints(job.run, job.mode)
+    trainer = make_trainer(job.run, model, tokenizer, dataset, eval_dataset, job.precision, [record, marker])
     record.counter = progress.count_tokens(trainer)
     stopper = preemption.StopOnSigterm(job.world_size)
     trainer.add_callback(stopper)
     stopper.install()
+    checkpoints.resumable_on_cpu_ddp(trainer)
+    if job.resume:
+        checkpoints.resuming_fails_clearly(trainer, job.resume)
     return trainer, record, stopper
 
 
@@ -77,12 +81,15 @@ def train(job: Job, trainer, record, stopper, evaluating: bool):
 # ---- save, metrics
 
 
-def save_and_measure(job: Job, trainer, tokenizer, record) -> dict[str, Any]:
-    """Every rank: gather what the metrics need, save from the main process; -> the measurements."""
+def save_and_measure(job: Job, trainer, tokenizer, record, loaded: dict[str, Any]) -> dict[str, Any]:
+    """Every rank: gather what the metrics need, save from the main process; -> the measurements.
+    `loaded`: this rank's figures once its model was loaded, before training."""
     full = job.recipe.model.full_finetuning
     measured = {
         "trainable_elements_per_rank": record.held,
         "peak_memory_gib": gather_object([progress.peak_memory_gib()]),
+        "peak_host_memory_gib": gather_object([progress.peak_host_memory_gib()]),
+        **{key: gather_object([value]) for key, value in loaded.items()},
         # Counted in the collator; GRPO's batches are raw prompts, so there TRL's own count serves.
         "tokens": sum(gather_object([record.counter.tokens])) or record.logged_tokens,
         "saved": str(job.run.weights),
@@ -111,8 +118,7 @@ def export_trained(job: Job) -> list[str]:
 def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], cuda: bool) -> None:
     wall = time.time() - job.started
     runtime = float(result.metrics.get("train_runtime", 0.0))
-    launcher_t0 = float(os.environ.get("ENTRYPOINT_STARTED_AT", job.started))
-    steady = record.summary(launcher_t0)
+    steady = record.summary(job.launched)
     metrics = {
         "recipe": job.recipe.name,
         "mode": job.mode,
@@ -136,6 +142,10 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
         },
         "wall_time_s": round(wall, 3),
         "peak_memory_gib": measured["peak_memory_gib"],
+        "peak_host_memory_gib": measured["peak_host_memory_gib"],
+        "peak_memory_at_load_gib": measured["peak_memory_at_load_gib"],
+        "peak_host_memory_at_load_gib": measured["peak_host_memory_at_load_gib"],
+        "time_to_model_loaded_s": max(measured["time_to_model_loaded_s"]),
         "trainable_elements_per_rank": measured["trainable_elements_per_rank"],
         "trainable_fingerprints": measured["trainable_fingerprints"],
         "resumed_from": str(job.resume) if job.resume else None,
@@ -187,13 +197,18 @@ def run(job: Job, cuda: bool) -> int:
     model_name = random_model.model_for(job.run, dataset)
     models.check_chat_template(job.recipe, model_name)
     model, tokenizer = models.load(job.recipe, model_name, SPECS[job.mode].device_map(cuda, job.local_rank))
+    loaded = {
+        "time_to_model_loaded_s": round(time.time() - job.launched, 3),
+        "peak_memory_at_load_gib": progress.peak_memory_gib(),
+        "peak_host_memory_at_load_gib": progress.peak_host_memory_gib(),
+    }
     trainer, record, stopper = build_trainer(job, model, tokenizer, dataset, eval_dataset)
     result = train(job, trainer, record, stopper, evaluating=eval_dataset is not None)
     if stopper.stopped_at is not None:
         status = preempted(job, trainer, record, stopper.stopped_at)
         close(trainer)
         return status
-    measured = save_and_measure(job, trainer, tokenizer, record)
+    measured = save_and_measure(job, trainer, tokenizer, record, loaded)
     main_process = trainer.accelerator.is_main_process
     close(trainer)  # the other ranks are done; exports need no collective
     if main_process:

@@ -24,8 +24,12 @@ def peak_memory_gib() -> dict[str, float]:
             f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 1024**3, 3)
             for i in range(torch.cuda.device_count())
         }
-    # ru_maxrss is KiB on Linux: the host memory this process peaked at.
-    return {"cpu": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+    return {"cpu": peak_host_memory_gib()}
+
+
+def peak_host_memory_gib() -> float:
+    """The host memory this process has peaked at so far (ru_maxrss is KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
 
 
 class CountingCollator:
