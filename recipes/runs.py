@@ -226,6 +226,74 @@ def keep_newest(folder: Path, keep: int) -> list[Path]:
     return removed
 
 
+@dataclass(frozen=True)
+class Resume:
+    """What resuming a checkpoint on this launch does: the batch it keeps, or the nearest it can."""
+
+    checkpoint: Path
+    step: int
+    was: dict[str, int]  # world_size, per_device_batch_size, gradient_accumulation_steps, global_batch_size
+    now: dict[str, int]
+
+    @property
+    def exact(self) -> bool:
+        return self.was["global_batch_size"] == self.now["global_batch_size"]
+
+    def describe(self) -> str:
+        was, now = self.was, self.now
+        shape = (
+            f"{was['world_size']} process(es) x {was['per_device_batch_size']} rows x "
+            f"{was['gradient_accumulation_steps']} accumulated -> {now['world_size']} x "
+            f"{now['per_device_batch_size']} x {now['gradient_accumulation_steps']}"
+        )
+        kept = (
+            f"the global batch of {was['global_batch_size']} rows kept"
+            if self.exact
+            else f"the global batch was {was['global_batch_size']} rows and cannot be kept with "
+            f"{now['world_size']} processes: the nearest is {now['global_batch_size']}"
+        )
+        return f"from {self.checkpoint.name} (step {self.step}): {shape}, {kept}"
+
+
+def resume_on(
+    checkpoint: Path,
+    facts: dict[str, Any],
+    mode: str,
+    sharded: bool,
+    world_size: int,
+    per_device: int,
+    accumulation: int,
+) -> Resume:
+    """How a run of `world_size` processes resumes a whole checkpoint written by another shape of
+    launch: the same global batch where it can be (gradient accumulation recomputed, and the rows
+    per process lowered where that alone makes it exact), else the nearest; BadInput where the
+    checkpoint cannot be read back in this mode (a sharded run's optimizer state is keyed by
+    parameter name, an unsharded run's by position)."""
+    was_sharded = facts.get("mode") == "fsdp"
+    if was_sharded != sharded:
+        raise BadInput(
+            f"{checkpoint} was written under PARALLELISM={facts.get('mode')}, and this run is {mode}: its optimizer "
+            f"state is saved {'sharded' if was_sharded else 'whole'}, which {mode} cannot read back; resume it "
+            f"under PARALLELISM={'fsdp' if was_sharded else 'ddp'} (any number of processes), or start fresh "
+            f"with output.resume=false"
+        )
+    keys = ("world_size", "per_device_batch_size", "gradient_accumulation_steps", "global_batch_size")
+    was = {key: int(facts.get(key, 0)) for key in keys}
+    goal = was["global_batch_size"] or per_device * accumulation * world_size
+    now_batch, now_accumulation = per_device, max(1, round(goal / (per_device * world_size)))
+    for rows in range(per_device, 0, -1):  # fewer rows per process only where that keeps it exact
+        if goal % (rows * world_size) == 0:
+            now_batch, now_accumulation = rows, goal // (rows * world_size)
+            break
+    now = {
+        "world_size": world_size,
+        "per_device_batch_size": now_batch,
+        "gradient_accumulation_steps": now_accumulation,
+        "global_batch_size": now_batch * now_accumulation * world_size,
+    }
+    return Resume(checkpoint, checkpoint_step(checkpoint) or 0, was, now)
+
+
 def set_aside_incomplete(run_folder: Path) -> list[tuple[Path, Path]]:
     """Move every checkpoint that is not whole out of checkpoints/ into checkpoints-incomplete/
     (never deleted: what is in one may still help someone): -> (from, to) of each. Only a job that

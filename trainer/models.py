@@ -8,6 +8,8 @@ model is a new entry in LOADERS.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import unsloth
 from peft import LoraConfig, get_peft_model
@@ -68,9 +70,16 @@ def vision_parts(recipe: Recipe) -> dict[str, bool]:
     return {part: getattr(recipe.lora, part) for part in VISION_PARTS}
 
 
-def load(recipe: Recipe, model_name: str, device_map):
+def load(recipe: Recipe, model_name: str, device_map, sharded: bool = False):
     """(model with LoRA when the recipe has it, tokenizer with the recipe's chat template; for a
-    vision model, its processor)."""
+    vision model, its processor).
+
+    `sharded` (fsdp, with the process group up): a 16-bit model loads shard by shard through
+    Unsloth's fsdp2_sharded_loading: each rank reads from the safetensors checkpoint only its FSDP2
+    rows of every linear weight, and the embeddings and output head whole; the Trainer's shard_model
+    then installs those rows as the rank's shards, so the whole model is never held by one rank.
+    Unsloth refuses 4- and 8-bit weights there: they still load whole on every rank (the plan
+    counts them so)."""
     kind = kind_of(recipe)
     if kind == "vision" and not torch.cuda.is_available():
         return load_vision_on_cpu(recipe, model_name)
@@ -79,18 +88,19 @@ def load(recipe: Recipe, model_name: str, device_map):
     grpo = t.grpo
     # vLLM generates GRPO's completions when the launcher chose it (Unsloth's fast_inference).
     fast = {"fast_inference": True} if grpo is not None and grpo.generation == "vllm" else {}
-    model, tokenizer = loader.from_pretrained(
-        model_name=model_name,
-        max_seq_length=m.max_seq_length,
-        dtype=None if m.dtype == "auto" else getattr(torch, m.dtype),
-        load_in_4bit=m.load_in == "4bit",
-        load_in_8bit=m.load_in == "8bit",
-        full_finetuning=m.full_finetuning,
-        device_map=device_map,
-        trust_remote_code=m.trust_remote_code,
-        use_gradient_checkpointing=t.gradient_checkpointing,
-        **fast,
-    )
+    with sharded_loading(sharded and m.load_in == "16bit"):
+        model, tokenizer = loader.from_pretrained(
+            model_name=model_name,
+            max_seq_length=m.max_seq_length,
+            dtype=None if m.dtype == "auto" else getattr(torch, m.dtype),
+            load_in_4bit=m.load_in == "4bit",
+            load_in_8bit=m.load_in == "8bit",
+            full_finetuning=m.full_finetuning,
+            device_map=device_map,
+            trust_remote_code=m.trust_remote_code,
+            use_gradient_checkpointing=t.gradient_checkpointing,
+            **fast,
+        )
     if recipe.data.chat_template is not None:
         tokenizer = get_chat_template(tokenizer, chat_template=recipe.data.chat_template)
     if recipe.lora is not None:
@@ -108,6 +118,15 @@ def load(recipe: Recipe, model_name: str, device_map):
             **(vision_parts(recipe) if kind == "vision" else {}),
         )
     return model, tokenizer
+
+
+def sharded_loading(on: bool) -> contextlib.AbstractContextManager:
+    if not on:
+        return contextlib.nullcontext()
+    # Here only: on the CPU backend, unsloth.models (its Triton kernels) adds 15 s to a process's start.
+    from unsloth.models.fsdp2_load import fsdp2_sharded_loading
+
+    return fsdp2_sharded_loading()
 
 
 def load_vision_on_cpu(recipe: Recipe, model_name: str):
