@@ -28,10 +28,8 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -43,15 +41,12 @@ from pathlib import Path
 
 import settings
 import throughput
+from gpuhost import NVLS_OFF, machine, smi, tail
 
 from entrypoint import gpus as inventory
 from entrypoint import memory
 
 ROOT = settings.ROOT
-# NVLink multicast stays off in every process started here, children included (the launcher passes
-# its environment on to accelerate and the ranks): on these shared hosts a program that uses it can
-# put every GPU of the host out of service.
-NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 MARKER = "BENCH_RUN_ID"  # in every process of a run, so its ranks can be found in /proc and nvidia-smi
 LAUNCHER_VARIABLES = ("PARALLELISM", "NUM_GPUS", "CPU_PROCESSES", "ALLOW_CPU", "CUDA_VISIBLE_DEVICES", "OUTPUTS_DIR")
 STEPS = {"tiny": 10, "1b": 30, "8b": 20, "70b": 10}  # the first progress.WARMUP_STEPS are not measured
@@ -130,22 +125,6 @@ def default_schedule(gpu_count: int, tiny: bool) -> str:
         used += need
     waves.append(wave)
     return "; ".join(" | ".join(token for token, _ in w) for w in waves)
-
-
-def tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
-def smi(*query: str) -> list[list[str]]:
-    if shutil.which("nvidia-smi") is None:
-        return []
-    done = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True)
-    if done.returncode != 0:
-        return []
-    return [[c.strip() for c in line.split(",")] for line in done.stdout.strip().splitlines() if line.strip()]
 
 
 def environ_of(pid: int | str) -> dict[str, str]:
@@ -610,29 +589,6 @@ def isolation(entry: dict) -> None:
     entry["ranks_on_other_gpus"] = {rank: gpus for rank, gpus in strays.items() if gpus}
     entry["contexts_seen"] = bool(seen)  # False: nvidia-smi showed no process of this run
     entry["isolated"] = not entry["ranks_on_other_gpus"] and not entry["allocated_on_other_ranks_gpus_gib"]
-
-
-def machine(tiny: bool) -> dict:
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import json, torch; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, "
-            "'nccl': str(torch.cuda.nccl.version()) if torch.cuda.is_available() else None}))",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    facts = {"python": platform.python_version(), "cpus": os.cpu_count(), "host": platform.node()}
-    with contextlib.suppress(ValueError):
-        facts.update(json.loads(probe.stdout.strip().splitlines()[-1]))
-    if tiny:
-        return {**facts, "gpu": "none (CPU, --tiny)"}
-    rows = smi("--query-gpu=index,name,memory.total,driver_version")
-    topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
-    topo = re.sub(r"\x1b\[[0-9;]*m", "", topo)  # nvidia-smi underlines the header
-    gpu = f"{len(rows)} x {rows[0][1]}" if rows else "unknown"
-    return {**facts, "gpu": gpu, "gpus": rows, "topology": topo}
 
 
 def merge(out: Path, new: list[dict], extra: dict) -> dict:

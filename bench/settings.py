@@ -55,7 +55,23 @@ SHAPES = {
         vocab_size=32000,
         seed=0,
     ),
+    # Qwen3-4B's sizes (the bundled qwen3-4b-grpo-gsm8k recipe's model) with the Llama architecture, for
+    # bench/grpo.py: 36 layers, 32 query heads and 8 KV heads of 128 (HEAD_DIM: 32 x 128 = 4096 is not the hidden
+    # size, 2560, as in Qwen3), its 151936-token vocabulary (the embeddings hold every row; an offline tokenizer
+    # learns a few thousand) and untied embeddings: 4.41B parameters, where Qwen3-4B ties them for 4.02B.
+    "qwen3-4b": RandomInit(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=151936,
+        seed=0,
+    ),
 }
+# random_init has no head_dim (it takes hidden_size / num_attention_heads, 80 for qwen3-4b); LlamaConfig takes one,
+# so bench/grpo.py sets it in the config of the model it builds.
+HEAD_DIM = {"qwen3-4b": 128}
 # Shapes whose weights are written tensor by tensor from the GPU (bench/bigmodel.py): building
 # them as one float32 model would need twice their bf16 size on one device.
 BIG = ("70b",)

@@ -143,7 +143,7 @@ def print_plan(plan: Plan) -> None:
     print(f"processes   {plan.num_processes} on {where}; device_map {json.dumps(plan.device_map)}")
     print(f"precision   {plan.mixed_precision}")
     if plan.generation is not None:
-        print(f"generation  {plan.generation} (training.grpo.generation)")
+        print(f"generation  {plan.generation} (training.grpo.generation){generation_memory(plan)}")
     mem = plan.memory
     if mem.get("params_b") is not None:
         print(
@@ -172,6 +172,20 @@ def print_plan(plan: Plan) -> None:
         print("accelerate config:")
         for key, value in plan.accelerate_config.items():
             print(f"  {key}: {json.dumps(value)}")
+
+
+def generation_memory(plan: Plan) -> str:
+    """What generating GRPO's completions holds, within the estimate's activations."""
+    held = plan.memory.get("generation_gib")
+    if held is None or plan.memory.get("params_b") is None:
+        return ""
+    cache = plan.paged_cache
+    if cache is None:
+        return f"; ~{held} GiB of KV cache"
+    return (
+        f"; ~{held} GiB: a paged KV cache of {cache['num_blocks']} blocks x {cache['block_size']} tokens, "
+        f"and passes of up to {cache['max_batch_tokens']} tokens"
+    )
 
 
 def list_recipes() -> None:

@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
+from recipes import methods
 from recipes.modes import SPECS, Mode
 from recipes.schema import TINY_VISION_TOWER, VISION_ARCHITECTURES, RandomInit, Recipe
 
@@ -70,6 +71,7 @@ class Estimate:
     layers: int | None = None  # decoder blocks, when config.json says
     embeddings_gib: float = 0.0  # the 16-bit embeddings and output head (within weights_gib), when known
     quantized: bool = False  # bitsandbytes weights (4- or 8-bit): loaded whole by every process
+    generation_gib: float = 0.0  # grpo: the part of activations_gib that generating the completions holds
 
     def as_dict(self) -> dict[str, float | str | None]:
         return asdict(self)
@@ -241,11 +243,30 @@ def estimate_from_shape(recipe: Recipe, shape: Shape, source: str) -> Estimate:
     # Image tokens sit in the sequence beside the text, so max_seq_length bounds both.
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * shape.hidden * ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN
-    if training.grpo is not None:
-        # GRPO generates each step's completions first: a 16-bit KV cache for every sequence of the batch.
-        activations += tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * KV_BYTES
-    est = _estimate(recipe, params / 1e9, weights, trainable, activations, source, shape.layers)
+    kv_per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim * KV_BYTES
+    generation = generation_bytes(recipe, kv_per_token, shape.vocab, shape.hidden)
+    est = _estimate(
+        recipe, params / 1e9, weights, trainable, activations + generation, source, shape.layers, generation
+    )
     return replace(est, embeddings_gib=round(embeddings * WEIGHT_BYTES["16bit"] / GIB, 2))
+
+
+def generation_bytes(recipe: Recipe, kv_per_token: float, vocab: int | None = None, hidden: int | None = None) -> float:
+    """GRPO generates each step's completions before it trains on them, with a 16-bit KV cache: transformers'
+    generate (and vLLM) for every sequence of the call at max_seq_length; continuous batching its paged cache,
+    allocated whole, and for each pass of its engine the fp32 logits of max_batch_tokens tokens and, with sdpa
+    attention, their 16-bit mask over the cache (left out where the vocabulary is unknown)."""
+    grpo = recipe.training.grpo
+    if grpo is None:
+        return 0.0
+    if grpo.generation != "continuous_batching":
+        return methods.generated_sequences(recipe) * recipe.model.max_seq_length * kv_per_token
+    cache = methods.paged_cache(recipe)
+    passes = 0.0
+    if vocab is not None and hidden is not None:
+        batch = cache.max_batch_tokens
+        passes = batch * (vocab * 4 + hidden * KV_BYTES) + batch * (cache.tokens + batch) * KV_BYTES
+    return cache.tokens * kv_per_token + passes
 
 
 def _estimate(
@@ -256,6 +277,7 @@ def _estimate(
     activations: float,
     source: str,
     layers: int | None = None,
+    generation: float = 0.0,
 ) -> Estimate:
     total = (weights + trainable + activations) / GIB + CUDA_OVERHEAD_GIB
     return Estimate(
@@ -267,6 +289,7 @@ def _estimate(
         source=source,
         layers=layers,
         quantized=recipe.model.load_in != "16bit",
+        generation_gib=round(generation / GIB, 2),
     )
 
 
@@ -288,9 +311,9 @@ def estimate(recipe: Recipe, config: Mapping | None = None, config_source: str =
         trainable = params * LORA_SHARE_AT_R16 * (recipe.lora.r / 16) * TRAINABLE_BYTES
     tokens = training.per_device_batch_size * model.max_seq_length
     activations = tokens * ACTIVATION_BYTES_PER_TOKEN_1B * math.sqrt(max(params_b, 0.001) / 1.1)
-    if training.grpo is not None:  # as estimate_from_shape, by the parameter count
-        activations += tokens * KV_BYTES_PER_TOKEN_8B * math.sqrt(max(params_b, 0.001) / 8)
-    return _estimate(recipe, params_b, weights, trainable, activations, source)
+    # As estimate_from_shape, with the KV bytes per token scaled by the parameter count.
+    generation = generation_bytes(recipe, KV_BYTES_PER_TOKEN_8B * math.sqrt(max(params_b, 0.001) / 8))
+    return _estimate(recipe, params_b, weights, trainable, activations + generation, source, generation=generation)
 
 
 def per_gpu_gib(est: Estimate, mode: Mode, processes: int, gpus: int, gpu_memory_gib: float | None) -> float | None:

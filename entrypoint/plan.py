@@ -21,6 +21,7 @@ from entrypoint.decide import decide
 from entrypoint.environment import Cluster, Request
 from entrypoint.gpus import Gpu
 from entrypoint.host import Host
+from recipes import methods
 from recipes.catalog import LoadedRecipe, to_yaml
 from recipes.modes import SPECS, Mode
 from recipes.runs import folder_of, launch_dir
@@ -55,7 +56,8 @@ class Plan:
     disk_gib: float = 0.1  # free space the outputs need, checked before anything starts
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # path -> text, written by the act step
-    generation: str | None = None  # grpo: what generates the completions (vllm, transformers)
+    generation: str | None = None  # grpo: what generates the completions (vllm, transformers, continuous_batching)
+    paged_cache: dict[str, int] | None = None  # continuous batching: its KV cache's blocks, as the trainer sizes it
     writes_output: bool = True  # holds the run folder's lock while it runs (generate only reads)
 
     def as_json(self) -> dict[str, Any]:
@@ -134,8 +136,9 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     est = memory.estimate(recipe, host.model_config, host.model_config_source)
     decision = decide(request, loaded, host.gpus, est)
     mode, chosen, processes = decision.mode, decision.gpus, decision.processes
-    refusals.check(request, recipe, host, mode, gpu=bool(chosen))
+    refusals.check(request, recipe, host, mode, gpus=len(chosen))
     recipe, generation = resolve_generation(recipe, bool(chosen), host.vllm_installed)
+    paged = asdict(methods.paged_cache(recipe)) if generation == "continuous_batching" else None
     one_gpu = chosen[0].memory_gib if chosen else None
     per_gpu = memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu)
     precision = mixed_precision(recipe.model.dtype, chosen)
@@ -178,6 +181,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
         warnings=memory_warnings(est, mode, chosen, per_gpu) + merge_warnings(recipe, est, host.ram_available_gib),
         files=files,
         generation=generation,
+        paged_cache=paged,
     )
     files[str(launch / "plan.json")] = json.dumps(plan.as_json(), indent=2) + "\n"
     return plan

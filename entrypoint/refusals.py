@@ -8,6 +8,7 @@ once the mode is known:
   images_for_a_text_model   data.format vision on a model whose config.json has no vision tower
   quantized_images_on_cpu   an image-text model loaded in 4 or 8 bits on the CPU
   generation_unavailable    training.grpo.generation names what cannot run here
+  paged_cache_across_gpus   continuous batching with the model split over several GPUs
 
 Each is a BadInput naming the value and the fix. The training program, which can be started by
 hand, checks again what it can check alone (trainer/program.py's prepare). Pure: no I/O.
@@ -27,13 +28,15 @@ from recipes.modes import Mode
 from recipes.schema import Recipe
 
 
-def check(request: Request, recipe: Recipe, host: Host, mode: Mode, gpu: bool) -> None:
+def check(request: Request, recipe: Recipe, host: Host, mode: Mode, gpus: int) -> None:
+    """`gpus`: how many GPUs the chosen mode runs on (0: the CPU)."""
     gguf_without_llama_cpp(recipe, host)
     modes.refuse_fsdp_switch(mode, request.fsdp_switch)
     format_or_method_in_mode(recipe, mode)
     images_for_a_text_model(recipe, host.model_config, host.model_config_source)
-    refuse_quantized_images_on_cpu(recipe.data.format, recipe.model.load_in, gpu)
-    generation_unavailable(recipe, gpu, host.vllm_installed)
+    refuse_quantized_images_on_cpu(recipe.data.format, recipe.model.load_in, gpus > 0)
+    generation_unavailable(recipe, gpus > 0, host.vllm_installed)
+    paged_cache_across_gpus(recipe, mode, gpus)
 
 
 def gguf_without_llama_cpp(recipe: Recipe, host: Host) -> None:
@@ -72,4 +75,19 @@ def generation_unavailable(recipe: Recipe, gpu: bool, vllm: bool) -> None:
         raise BadInput(
             f"training.grpo.generation=vllm, but vLLM {'is not installed here' if not vllm else 'needs a GPU'}; "
             f"set training.grpo.generation=auto (vLLM where it can run, else transformers) or transformers"
+        )
+
+
+def paged_cache_across_gpus(recipe: Recipe, mode: Mode, gpus: int) -> None:
+    """transformers' continuous batching allocates every layer's paged KV cache on the model's first device
+    (PagedAttentionCache(device=model.device), transformers 5.17), where the layers on the other GPUs of a split
+    model cannot read it."""
+    grpo = recipe.training.grpo
+    if grpo is None or grpo.generation != "continuous_batching":
+        return
+    if modes.SPECS[mode].placement == "balanced" and gpus > 1:
+        raise BadInput(
+            f"training.grpo.generation=continuous_batching under PARALLELISM={mode} over {gpus} GPUs: continuous "
+            f"batching keeps the whole KV cache on the first GPU, which the layers on the others cannot read; set "
+            f"training.grpo.generation=transformers, or NUM_GPUS=1 if the model fits one GPU"
         )

@@ -129,12 +129,16 @@ def test_the_memory_estimate_counts_grpos_generation_cache():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("processes", ["1", "2"])
-def test_grpo_trains_and_the_mean_reward_rises(tmp_path, processes):
-    done = run_cli("run", str(TINY), cwd=tmp_path, env=clean_env(CPU_PROCESSES=processes))
+@pytest.mark.parametrize(
+    ("processes", "generation"), [("1", "transformers"), ("2", "transformers"), ("1", "continuous_batching")]
+)
+def test_grpo_trains_and_the_mean_reward_rises(tmp_path, processes, generation):
+    override = f"training.grpo.generation={generation}"
+    done = run_cli("run", str(TINY), override, cwd=tmp_path, env=clean_env(CPU_PROCESSES=processes))
     assert done.returncode == 0, done.stderr[-3000:]
     m = json.loads((tmp_path / "outputs" / "tiny-grpo" / "metrics.json").read_text())
     assert m["steps"] == 20 and m["world_size"] == int(processes)
+    assert m["generation"] == generation  # as TRL's trainer took it
     rewards_by_step = [reward for _, reward in m["rewards"]]
     first, last = sum(rewards_by_step[:3]) / 3, sum(rewards_by_step[-3:]) / 3
     assert last > first + 0.15, rewards_by_step  # the letter a's share of each completion grows
@@ -147,3 +151,62 @@ def test_a_grpo_model_known_only_by_its_name_is_estimated_with_its_generation_ca
     with_cache, without = memory.estimate(grpo), memory.estimate(sft.recipe)
     assert with_cache.source == without.source == "model name 'unsloth/Qwen3-4B'"
     assert with_cache.activations_gib > without.activations_gib
+
+
+# ---- continuous batching (training.grpo.generation: continuous_batching)
+
+# config.json of Qwen3 4B, as the hub serves it (the fields the memory planner reads).
+QWEN3_4B = {
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": True,
+}
+
+
+def continuous(recipe: str = "qwen3-4b-grpo-gsm8k", *overrides: str):
+    return catalog.load(recipe, ["training.grpo.generation=continuous_batching", *overrides])
+
+
+def test_an_unknown_generation_is_refused_naming_the_ones_there_are():
+    with pytest.raises(BadInput, match="'auto', 'vllm', 'transformers' or 'continuous_batching'"):
+        catalog.load(str(TINY), ["training.grpo.generation=paged"])
+
+
+def test_the_plan_sizes_the_paged_cache_for_every_completion_of_a_step_and_launches_with_it():
+    p = plan_for({}, continuous(), gpus.assumed("1x80"))
+    assert p.generation == "continuous_batching"
+    # 8 completions a step of up to max_seq_length 1024 tokens each, in blocks of 256 tokens.
+    assert p.paged_cache == {"block_size": 256, "num_blocks": 32, "max_batch_tokens": 1024}
+    launched = next(text for name, text in p.files.items() if name.endswith("recipe.yaml"))
+    assert "generation: continuous_batching" in launched
+
+
+def test_plan_prints_the_generation_and_the_memory_it_holds(tmp_path):
+    args = ("plan", "qwen3-4b-grpo-gsm8k", "training.grpo.generation=continuous_batching", "--assume-gpus", "1x80")
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("generation"))
+    assert line.startswith("generation  continuous_batching (training.grpo.generation); ~")
+    assert "a paged KV cache of 32 blocks x 256 tokens, and passes of up to 1024 tokens" in line
+
+
+@pytest.mark.parametrize("generation", ["transformers", "continuous_batching"])
+def test_the_estimate_holds_what_each_generation_allocates(generation):
+    recipe = catalog.load("qwen3-4b-grpo-gsm8k", [f"training.grpo.generation={generation}"]).recipe
+    est = memory.estimate(recipe, QWEN3_4B, "config.json")
+    kv_per_token = 36 * 2 * 8 * 128 * 2  # layers x key and value x KV heads x head_dim x 16 bits
+    if generation == "transformers":  # a cache for each of the step's 8 sequences, at max_seq_length
+        held = 8 * 1024 * kv_per_token
+    else:  # the whole paged cache, and a pass's fp32 logits and 16-bit attention mask over the cache
+        held = 32 * 256 * kv_per_token + 1024 * (151936 * 4 + 2560 * 2) + 1024 * (32 * 256 + 1024) * 2
+    assert est.generation_gib == round(held / memory.GIB, 2)
+
+
+def test_continuous_batching_over_a_model_split_across_gpus_is_refused():
+    with pytest.raises(BadInput, match="continuous batching keeps the whole KV cache on the first GPU"):
+        plan_for({"PARALLELISM": "model", "NUM_GPUS": "2"}, continuous(), gpus.assumed("2x80"))

@@ -13,7 +13,7 @@ import torch
 import trl
 from unsloth import trainer as unsloth_trainer
 
-from recipes import rewards
+from recipes import methods, rewards
 from recipes.runs import Run
 from recipes.schema import Recipe
 
@@ -123,17 +123,43 @@ def preference_options(recipe: Recipe) -> dict[str, Any]:
 
 
 def generation_options(recipe: Recipe) -> dict[str, Any]:
-    """grpo: num_generations completions of each prompt, sampled; vLLM when the launcher chose it
-    (training.grpo.generation, resolved from auto in the launched recipe)."""
+    """grpo: num_generations completions of each prompt, sampled by what the launcher chose
+    (training.grpo.generation, resolved from auto in the launched recipe): vLLM; transformers' generate (Unsloth's
+    fast generate on a GPU); or transformers' continuous batching, with the paged cache sized by the recipe."""
     grpo = recipe.training.grpo
     assert grpo is not None  # the schema requires the method's own section
+    continuous = grpo.generation == "continuous_batching"
     return dict(
         num_generations=grpo.num_generations,
         max_completion_length=grpo.max_completion_length,
         temperature=grpo.temperature,
         beta=grpo.beta,
         use_vllm=grpo.generation == "vllm",
+        use_transformers_continuous_batching=continuous,
+        transformers_continuous_batching_config=continuous_batching_config(recipe) if continuous else None,
     )
+
+
+def continuous_batching_config(recipe: Recipe) -> dict[str, Any]:
+    """transformers' ContinuousBatchingConfig with the cache the plan counted (recipes/methods.py). Its sizes are
+    given, so max_memory_percent only bounds transformers' own check that they fit: all the free memory, not the half
+    TRL asks for when transformers sizes the cache itself."""
+    cache = methods.paged_cache(recipe)
+    return dict(
+        block_size=cache.block_size,
+        num_blocks=cache.num_blocks,
+        max_batch_tokens=cache.max_batch_tokens,
+        max_memory_percent=1.0,
+    )
+
+
+def generation_used(trainer) -> str | None:
+    """What GRPO's completions are generated with, as TRL's trainer decided it (None for other methods)."""
+    if not hasattr(trainer, "use_transformers_continuous_batching"):
+        return None
+    if trainer.use_vllm:
+        return "vllm"
+    return "continuous_batching" if trainer.use_transformers_continuous_batching else "transformers"
 
 
 def reward_functions(recipe: Recipe) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from accelerate.utils import gather_object
 from recipes import atomic, exports
 from recipes.modes import SPECS
 from trainer import checkpoints, data, export, models, preemption, progress, random_model, save
-from trainer.methods import make_trainer
+from trainer.methods import generation_used, make_trainer
 
 if TYPE_CHECKING:  # the entry module (python -m trainer) makes the Job; importing it would run it again
     from trainer.__main__ import Job
@@ -143,6 +143,7 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
         "world_size": job.world_size,
         "device": "cuda" if cuda else "cpu",
         "steps": trainer.state.global_step,
+        "generation": generation_used(trainer),  # grpo: what generated the completions
         **{k: steady[k] for k in ("first_loss", "final_loss", "losses", "eval_loss", "eval_losses", "rewards")},
         "train_runtime_s": round(runtime, 3),
         "tokens": measured["tokens"],
