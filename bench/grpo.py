@@ -144,6 +144,7 @@ class Bench:
         self.args = args
         self.kind = TINY if args.tiny else FULL
         self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)  # every run's working directory, the first one's too
         self.started = time.time()
         self.logs = Path(args.logs) if args.logs else self.work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
