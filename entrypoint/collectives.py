@@ -244,6 +244,10 @@ def ranks_text(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks) if ranks else "none"
 
 
+def ranks_named(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) != 1 else ''} {ranks_text(ranks)}"
+
+
 def phase_of(report: dict[str, Any]) -> str:
     return report.get("failed_in", report["phase"]) if report["phase"] == "failed" else report["phase"]
 
@@ -279,7 +283,7 @@ def hang(check: Check, outcome: Outcome, facts: dict[str, Any]) -> Problem:
     t = f"{check.timeout_s:g} s"
     if not started and check.nnodes > 1:
         return Problem(
-            f"no rank of this machine (node {check.node_rank} of {check.nnodes}, ranks {ranks_text(mine)}) started "
+            f"no rank of this machine (node {check.node_rank} of {check.nnodes}, {ranks_named(mine)}) started "
             f"within {t}: torchrun starts them only once the launchers of all {check.nnodes} machines have met "
             f"at {check.master}, and they never all did",
             f"another machine of the job did not start the check, or cannot reach {check.master} (a firewall, a "
@@ -304,10 +308,10 @@ def hang(check: Check, outcome: Outcome, facts: dict[str, Any]) -> Problem:
 def rendezvous_hang(check: Check, outcome: Outcome, started: list[int], waiting: list[int], t: str) -> Problem:
     missing = [r for r in check.local_ranks if r not in started]
     others = [r for r in range(check.world_size) if r not in check.local_ranks]
-    absent = f"; ranks {ranks_text(missing)} of this machine never started" if missing else ""
-    elsewhere = f" ranks {ranks_text(others)} run on the other machines and must join too." if others else ""
+    absent = f"; {ranks_named(missing)} of this machine never started" if missing else ""
+    elsewhere = f" {ranks_named(others).capitalize()} run on the other machines and must join too." if others else ""
     return Problem(
-        f"ranks {ranks_text(waiting)} waited {t} in init_process_group for the other ranks of {check.world_size}"
+        f"{ranks_named(waiting)} waited {t} in init_process_group for the other ranks of {check.world_size}"
         f"{absent}.{elsewhere}",
         "a rank that never joined: it died or hangs before init_process_group (out of host memory, a GPU "
         "another process holds), or, across machines, a machine that cannot reach the rendezvous address",

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import clean_env, plan_for, run_cli
+from conftest import ROOT, clean_env, plan_for, run_cli
 
 from entrypoint import collectives, environment, gpus
 from recipes import catalog
@@ -70,6 +72,31 @@ def test_json_gives_each_collectives_bus_bandwidth_by_nccl_tests_formulas(tmp_pa
 
 
 @pytest.mark.e2e
+def test_two_machines_of_one_job_check_together_and_each_prints_the_jobs_figures(tmp_path):
+    """NNODES=2 on one host, each machine's launcher started as the job would start it."""
+    job = {"CPU_PROCESSES": "1", "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-m", "entrypoint", "doctor", "--collectives", "--json", "--timeout", "120"]
+    machines = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(PYTHONPATH=str(ROOT), NODE_RANK=str(rank), **job),
+        )
+        for rank in (0, 1)
+    ]
+    reports = []
+    for machine in machines:
+        out, err = machine.communicate(timeout=300)
+        assert machine.returncode == 0, out + err
+        reports.append(json.loads(out))
+    assert [r["ranks"]["joined"] for r in reports] == [[0], [1]]
+    assert reports[0]["results"] == reports[1]["results"] != [], "every rank holds the slowest rank's figures"
+
+
+@pytest.mark.e2e
 def test_a_machine_that_never_joins_ends_the_check_at_its_timeout_with_the_explanation(tmp_path):
     """NNODES=2 with only node 0 started: node 1 never joins, so torchrun never starts the ranks."""
     marker = f"collectives-test-{tmp_path.name}"
@@ -80,7 +107,7 @@ def test_a_machine_that_never_joins_ends_the_check_at_its_timeout_with_the_expla
     took = time.monotonic() - started
     assert done.returncode == collectives.FAILED, done.stdout + done.stderr
     assert took < 10 + collectives.STOP_GRACE_S + 20, f"{took:.0f} s"
-    assert "FAILED: no rank of this machine (node 0 of 2, ranks 0) started within 10 s" in done.stdout
+    assert "FAILED: no rank of this machine (node 0 of 2, rank 0) started within 10 s" in done.stdout
     assert "run `doctor --collectives` on all 2 machines at once" in done.stdout
     assert processes_with(marker) == [], "every process the check started is gone"
 
@@ -147,8 +174,8 @@ def test_ranks_that_joined_then_stalled_in_a_collective_point_at_nccls_transport
 def test_a_rank_missing_from_the_rendezvous_is_named_with_the_ranks_that_waited():
     outcome = collectives.Outcome(None, 61.0, reports(r0="rendezvous"))
     (problem,) = collectives.diagnose(gpu_check(), outcome, FACTS)
-    assert "ranks 0 waited 60 s in init_process_group for the other ranks of 2" in problem.what
-    assert "ranks 1 of this machine never started" in problem.what
+    assert "rank 0 waited 60 s in init_process_group for the other ranks of 2" in problem.what
+    assert "rank 1 of this machine never started" in problem.what
 
 
 def test_a_rank_that_cannot_listen_on_master_port_is_told_to_free_or_change_it():

@@ -74,27 +74,30 @@ def timed(run, device: torch.device) -> float:
     return (time.perf_counter() - started) / ITERATIONS
 
 
-def all_reduce(size: int, rank: int, world: int, device: torch.device) -> tuple[float, bool]:
-    """(seconds, right values): every rank gives rank+1, so every element sums to n(n+1)/2."""
+def all_reduce(size: int, rank: int, world: int, device: torch.device) -> tuple[float, bool, int]:
+    """(seconds, right values, bytes): every rank gives rank+1, so every element sums to n(n+1)/2."""
     values = torch.full((size // 4,), float(rank + 1), device=device)
     seconds = timed(lambda: dist.all_reduce(values), device)
     check = torch.full((size // 4,), float(rank + 1), device=device)
     dist.all_reduce(check)
-    return seconds, bool((check == world * (world + 1) / 2).all())
+    return seconds, bool((check == world * (world + 1) / 2).all()), check.numel() * 4
 
 
-def all_gather(size: int, rank: int, world: int, device: torch.device) -> tuple[float, bool]:
-    """(seconds, right values): rank r's share holds r+1, so share r of the output must too."""
+# torch 2.13 renamed all_gather_into_tensor (the image's torch 2.11 has only the old name).
+GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather(size: int, rank: int, world: int, device: torch.device) -> tuple[float, bool, int]:
+    """(seconds, right values, bytes gathered): rank r's share holds r+1, so share r of the output
+    must too."""
     share = size // 4 // world
     mine = torch.full((share,), float(rank + 1), device=device)
     out = torch.empty(share * world, device=device)
     seconds = timed(lambda: GATHER(out, mine), device)
     expected = torch.arange(1, world + 1, device=device, dtype=out.dtype).repeat_interleave(share)
-    return seconds, bool((out == expected).all())
+    return seconds, bool((out == expected).all()), out.numel() * 4
 
 
-# torch 2.13 renamed all_gather_into_tensor (the image's torch 2.11 has only the old name).
-GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # nccl-tests' bus bandwidth: what each link carries, comparable across rank counts.
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n}
 OPS = {"all_reduce": all_reduce, "all_gather": all_gather}
@@ -104,16 +107,19 @@ def measure(report: Reporter, sizes: list[int], rank: int, world: int, device: t
     for op, run in OPS.items():
         for size in sizes:
             report.step(f"{op} {size}")
-            seconds, right = run(size, rank, world, device)
-            # The slowest rank's time is the collective's: every rank takes the maximum.
+            seconds, right, moved = run(size, rank, world, device)
+            # The slowest rank's time is the collective's, and the values are right only if every
+            # rank got them right: every rank takes the maximum time and the minimum verdict.
             slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            seconds = float(slowest.item())
-            algbw = size / seconds / 1e9
+            every = torch.tensor([int(right)], dtype=torch.int32, device=device)
+            dist.all_reduce(every, op=dist.ReduceOp.MIN)
+            seconds, right = float(slowest.item()), bool(every.item())
+            algbw = moved / seconds / 1e9
             report.data["results"].append(
                 {
                     "op": op,
-                    "bytes": size,
+                    "bytes": moved,
                     "seconds": seconds,
                     "algbw_gbps": round(algbw, 4),
                     "busbw_gbps": round(algbw * BUS_FACTOR[op](world), 4),
