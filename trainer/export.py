@@ -114,9 +114,12 @@ def gguf(model: Path, dest: Path, name: str, quants: tuple[str, ...], llama_cpp:
     return written
 
 
-def export_run(run: Run, targets: list[tuple[str, tuple[str, ...]]], llama_cpp: Path, check: bool = True) -> list[dict]:
+def export_run(
+    run: Run, targets: list[tuple[str, tuple[str, ...]]], llama_cpp: Path, check: bool = True, unchecked_by: str = ""
+) -> list[dict]:
     """Write each target into the run's folder, then check each merged / GGUF one against the trained
-    model (trainer/export_check.py); returns what was written, with the checks (also in exports.json)."""
+    model (trainer/export_check.py), unless `check` is off (by `unchecked_by`, the option that said so);
+    returns what was written, with the checks (also in exports.json)."""
     records = []
     full = run.recipe.model.full_finetuning
     with tempfile.TemporaryDirectory(dir=run.folder, prefix=".export-") as scratch:
@@ -140,7 +143,7 @@ def export_run(run: Run, targets: list[tuple[str, tuple[str, ...]]], llama_cpp: 
     else:
         for record in records:
             if record["kind"] != "adapter":
-                record["check"] = {"skipped": "--no-check"}
+                record["check"] = {"skipped": unchecked_by or "--no-check"}
     previous = json.loads(run.exports.read_text()) if run.exports.is_file() else []
     kept = [r for r in previous if r["path"] not in {n["path"] for n in records}]
     atomic.write_text(run.exports, json.dumps(kept + records, indent=2) + "\n")
@@ -181,7 +184,7 @@ def checked(check: dict | None) -> str:
     if "error" in check:
         return "; check FAILED"
     verdict = "checked" if check["ok"] else "check FAILED"
-    return f"; {verdict}: perplexity ratio {check['ratio']:g} (±{check['tolerance']:g})"
+    return f"; {verdict}: perplexity ratio {export_check.number(check['ratio'])} (±{check['tolerance']:g})"
 
 
 def report_failures(records: list[dict]) -> int:

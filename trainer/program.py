@@ -105,7 +105,8 @@ def export_trained(job: Job) -> list[dict]:
     targets = [(kind, out.gguf_quants if kind == "gguf" else ()) for kind in out.save if kind != "adapter"]
     if not targets:
         return []
-    return export.export_run(job.run, targets, exports.llama_cpp_folder(os.environ), check=out.check)
+    llama_cpp = exports.llama_cpp_folder(os.environ)
+    return export.export_run(job.run, targets, llama_cpp, check=out.check, unchecked_by="output.check=false")
 
 
 def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], cuda: bool) -> None:
