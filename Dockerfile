@@ -15,7 +15,8 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 # ---- llama.cpp for GGUF exports: the pinned source (requirements/llama_cpp.py: the llama.cpp the
 # llama-cpp-python sdist on PyPI vendors, sha256-checked), compiled for any x86-64 CPU; the
-# runtime stage keeps only its two tools and the converter, not the compiler.
+# runtime stage keeps only its tools (llama-quantize; llama-perplexity and llama-completion, which
+# check each GGUF export; llama-simple) and the converter, not the compiler.
 FROM ${CUDA_IMAGE} AS llama-cpp
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get -o Acquire::Retries=5 update \

@@ -40,7 +40,8 @@ lock: $(STAMP)
 	$(PY) requirements/lock.py write
 
 # The pinned llama.cpp that GGUF exports use (requirements/llama_cpp.py): compiled into
-# .venv/llama.cpp, where `export --to gguf:...` finds it with UNSLOTH_LLAMA_CPP_PATH set there.
+# .venv/llama.cpp, where `export --to gguf:...` finds it with UNSLOTH_LLAMA_CPP_PATH set there
+# (llama-quantize, and llama-perplexity and llama-completion, which check each GGUF file).
 llama-cpp: $(STAMP)
 	$(PY) requirements/llama_cpp.py $(VENV)/llama.cpp
 

@@ -6,7 +6,8 @@
     python -m entrypoint show RECIPE [key=value ...]
     python -m entrypoint validate FILE|RECIPE [key=value ...]
     python -m entrypoint doctor [--json]
-    python -m entrypoint export RUN_DIR|RECIPE --to adapter|merged_16bit|gguf[:QUANT,...] ...
+    python -m entrypoint doctor --collectives [--timeout SECONDS] [--json]
+    python -m entrypoint export RUN_DIR|RECIPE --to adapter|merged_16bit|gguf[:QUANT,...] ... [--no-check]
     python -m entrypoint generate RUN_DIR|RECIPE [--prompt TEXT] [--image FILE] [--max-new-tokens N]
 
 RECIPE is a bundled name or a path to a YAML file; the RECIPE variable serves when the
@@ -23,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from entrypoint import doctor, environment, followup, host, launch
+from entrypoint import collectives, doctor, environment, followup, gpus, host, launch
 from entrypoint.plan import Plan, make
 from recipes import catalog, exports
 from recipes.errors import EXIT_BAD_INPUT, BadInput
@@ -66,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the bundled recipes")
     doctor_cmd = sub.add_parser("doctor", help="GPUs, versions, shm and limits; warns about known stalls")
     doctor_cmd.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+    doctor_cmd.add_argument(
+        "--collectives",
+        action="store_true",
+        help="start the ranks as a ddp run would (NUM_GPUS, CPU_PROCESSES, NNODES...) and time all-reduce and "
+        "all-gather between them; exit 1 when they fail or hang",
+    )
+    doctor_cmd.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"--collectives: stop every rank and explain after this long (default {collectives.DEFAULT_TIMEOUT_S:g})",
+    )
     recipe_command("show", "print a recipe as resolved (defaults and overrides applied)")
     recipe_command("validate", "check a recipe and its local data; print the resolved recipe")
     run_help = "a run's output folder, or the recipe that ran (default: $RECIPE)"
@@ -77,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="KIND",
         help=f"adapter, merged_16bit, gguf[:QUANT,...] (QUANT: {', '.join(exports.GGUF_QUANTS)}; default q8_0)",
+    )
+    export.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip checking each merged / GGUF export against the trained model (perplexity on held-out rows, "
+        "the chat template)",
     )
     generate = sub.add_parser("generate", help="try a run: answer a prompt, or chat on the terminal (one process)")
     generate.add_argument("target", nargs="?", metavar="RUN_DIR|RECIPE", help=run_help)
@@ -130,10 +149,20 @@ def build_followup(args: argparse.Namespace) -> Plan:
     run = followup.find_run(target, request, os.getcwd())
     facts = host.gather(environ, run.recipe, os.getcwd(), model=run.base_model())
     if args.command == "export":
-        return followup.export_plan(request, run, exports.parse_targets(args.to), facts)
+        return followup.export_plan(request, run, exports.parse_targets(args.to), facts, check=not args.no_check)
     options = [f"--max-new-tokens={args.max_new_tokens}", f"--temperature={args.temperature}"]
     options += [f"--prompt={args.prompt}"] if args.prompt else []
     return followup.generate_plan(request, run, facts, options, args.image)
+
+
+def check_collectives(args: argparse.Namespace) -> int:
+    """doctor --collectives: the environment read as for a run, this machine's GPUs, then the check."""
+    if not args.collectives:
+        raise BadInput(f"--timeout {args.timeout:g} applies to doctor --collectives; add --collectives")
+    environ = dict(os.environ)
+    request = environment.read(environ)
+    timeout = collectives.DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
+    return collectives.main(environ, request, gpus.discover(environ), sys.executable, timeout, args.json)
 
 
 def print_plan(plan: Plan) -> None:
@@ -220,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             list_recipes()
             return 0
+        if args.command == "doctor" and (args.collectives or args.timeout is not None):
+            return check_collectives(args)
         if args.command == "doctor":
             facts = doctor.collect(os.environ)
             print(json.dumps(dataclasses.asdict(facts), indent=2) if args.json else doctor.render(facts))

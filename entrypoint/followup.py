@@ -2,7 +2,7 @@
 it and this machine, and plan ONE process (python -m trainer.export / trainer.generate), which
 launch.py then starts like any other plan.
 
-    export RUN_DIR|RECIPE --to adapter|merged_16bit|gguf[:QUANT,...] ...
+    export RUN_DIR|RECIPE --to adapter|merged_16bit|gguf[:QUANT,...] ... [--no-check]
     generate RUN_DIR|RECIPE [--prompt TEXT] [--image FILE] [--max-new-tokens N] [--temperature T]
 
 A run is named by its output folder or by the recipe that ran (its folder: output.dir, else
@@ -82,7 +82,9 @@ def parameters(host: Host) -> int | None:
     return shape.parameters() if shape else None
 
 
-def export_plan(request: Request, run: Run, targets: list[tuple[str, tuple[str, ...]]], host: Host) -> Plan:
+def export_plan(
+    request: Request, run: Run, targets: list[tuple[str, tuple[str, ...]]], host: Host, check: bool = True
+) -> Plan:
     refuse_untrained(run)
     kinds = [kind for kind, _ in targets]
     if "gguf" in kinds:
@@ -93,7 +95,9 @@ def export_plan(request: Request, run: Run, targets: list[tuple[str, tuple[str, 
             f"adapter to merge; export --to gguf converts it"
         )
     quants = [q for kind, qs in targets if kind == "gguf" for q in qs]
-    exports.refuse_missing_llama_cpp(quants, host.llama_cpp_folder, host.llama_cpp_parts, "export --to gguf asks for")
+    exports.refuse_missing_llama_cpp(
+        quants, host.llama_cpp_folder, host.llama_cpp_parts, "export --to gguf asks for", check
+    )
     params = parameters(host)
     merging = not run.recipe.model.full_finetuning and bool(set(kinds) & {"merged_16bit", "gguf"})
     if params is not None and merging and host.ram_available_gib is not None:
@@ -107,6 +111,7 @@ def export_plan(request: Request, run: Run, targets: list[tuple[str, tuple[str, 
     disk = disk_gib(params, targets, merging)
     words = " ".join(f"{kind}:{','.join(q)}" if q else kind for kind, q in targets)
     command = ["-m", "trainer.export", "--run", str(run.folder), "--to", *words.split()]
+    command += [] if check else ["--no-check"]
     # Merging and the GGUF tools run on the CPU: no GPU is needed or touched.
     return one_process(request, run, host, command, [], f"export {words}: one process, on the CPU", disk, True)
 

@@ -34,7 +34,7 @@ class Host:
     model_config: dict | None = None  # config.json, when found
     model_config_source: str = ""  # where it was found ("config.json of X" [+ " from the hub"])
     llama_cpp_folder: Path = Path("~/.unsloth/llama.cpp")
-    llama_cpp_parts: frozenset[str] = frozenset()  # "converter", "quantizer" (recipes/exports.py)
+    llama_cpp_parts: frozenset[str] = frozenset()  # "converter", "quantizer", "checker" (recipes/exports.py)
     ram_available_gib: float | None = None  # None: unknown
     vllm_installed: bool = False  # GRPO generates with vLLM where it is (found, not imported)
     note: str | None = None  # something the user should know (the hub was not reachable, ...)

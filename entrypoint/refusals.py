@@ -41,7 +41,9 @@ def check(request: Request, recipe: Recipe, host: Host, mode: Mode, gpus: int) -
 
 def gguf_without_llama_cpp(recipe: Recipe, host: Host) -> None:
     quants = recipe.output.gguf_quants
-    exports.refuse_missing_llama_cpp(quants, host.llama_cpp_folder, host.llama_cpp_parts, "output.save asks for gguf")
+    exports.refuse_missing_llama_cpp(
+        quants, host.llama_cpp_folder, host.llama_cpp_parts, "output.save asks for gguf", recipe.output.check
+    )
 
 
 def format_or_method_in_mode(recipe: Recipe, mode: Mode) -> None:

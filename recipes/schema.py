@@ -250,6 +250,9 @@ class OutputConfig(Strict):
     save_steps: NonNegativeInt = Field(default=0, description="0: no intermediate checkpoints")
     keep_checkpoints: PositiveInt = 2
     resume: bool = True
+    check: bool = Field(
+        default=True, description="check merged / GGUF exports against the trained model (exports.json's check)"
+    )
 
     @property
     def gguf_quants(self) -> tuple[str, ...]:

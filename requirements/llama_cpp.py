@@ -6,12 +6,15 @@
 The source is the llama.cpp that the `llama-cpp-python` sdist on PyPI vendors (PyPI is the one
 registry every machine here reaches), pinned by version and sha256 below. DEST gets what Unsloth
 and trainer/export.py look for: `llama-quantize`, `convert_hf_to_gguf.py` with its `conversion/`
-and `gguf-py/`, and `llama-simple` (a small runner the tests load a GGUF file back with). Built
-once: DEST/.built records the pin, and a later call with the same pin does nothing. Needs cmake
-and a C++ compiler (two CPU cores take several minutes). `--python-only` copies the converter
-without building anything: enough for f16, bf16 and q8_0 files, which the CPU tests write; the
-image tests cover llama-quantize and loading a GGUF file back. Change the pin on purpose, like a
-lock: version, URL and sha256 together.
+and `gguf-py/`; what trainer/export_check.py checks each GGUF file with: `llama-perplexity` (the
+perplexity of held-out rows) and `llama-completion` (prompts through the file's embedded chat
+template, --jinja); and `llama-simple` (a small runner the README loads a GGUF file back with).
+Built once: DEST/.built records the pin, and a later call with the same pin does nothing. Needs
+cmake and a C++ compiler (two CPU cores take several minutes; 20 on two busy ones). `--python-only`
+copies the converter without building anything: enough for f16, bf16 and q8_0 files written with
+`export --no-check`, which the CPU tests write; the image tests cover llama-quantize, the checks
+of GGUF files and loading one back. Change the pin on purpose, like a lock: version, URL and
+sha256 together.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ URL = (
     f"llama_cpp_python-{VERSION}.tar.gz"
 )
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-TARGETS = ("llama-quantize", "llama-simple")
+TARGETS = ("llama-quantize", "llama-simple", "llama-perplexity", "llama-completion")
 PYTHON_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 # A portable CPU build (no -march=native: the image runs on other machines than the one that built
-# it) of the library and the two tools only: no server, no tests, no network code.
+# it) of the library and these tools only: no server, no tests, no network code.
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=OFF",
@@ -66,14 +69,15 @@ def download(dest: Path, attempts: int = 4) -> None:
 
 
 def built(dest: Path) -> set[str]:
-    """What DEST already holds of this pin: "python", and "tools" once compiled."""
+    """What DEST already holds of this pin: "python", and each tool of TARGETS once compiled (a
+    build from before a tool joined TARGETS is built again)."""
     stamp = dest / ".built"
     lines = stamp.read_text().split() if stamp.is_file() else []
     return set(lines[1:]) if lines[:1] == [SHA256] else set()
 
 
 def build(dest: Path, tools: bool = True) -> None:
-    wanted = {"python", "tools"} if tools else {"python"}
+    wanted = {"python", *TARGETS} if tools else {"python"}
     if wanted <= built(dest):
         return
     with tempfile.TemporaryDirectory(prefix="llama-cpp-") as work:

@@ -119,6 +119,25 @@ def readme_commands(heading: str) -> list[str]:
     return commands
 
 
+# A tokenizer damaged on purpose, for the export checks to catch: the ids of its ordinary (not added)
+# tokens reversed in tokenizer.json, so the same text maps to other embedding rows, as a mismatched
+# tokenizer's would. Python source, run inside the export's own process (test_export.py) or inside
+# the image, before llama.cpp's converter (test_docker.py).
+DAMAGE_TOKENIZER = """
+import json
+
+
+def reverse_ordinary_ids(path):
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    added = {token["id"] for token in tokenizer["added_tokens"]}
+    ordinary = sorted(i for i in vocab.values() if i not in added)
+    flipped = dict(zip(ordinary, reversed(ordinary)))
+    tokenizer["model"]["vocab"] = {token: flipped.get(i, i) for token, i in vocab.items()}
+    path.write_text(json.dumps(tokenizer))
+"""
+
+
 def write_recipe(folder: Path, name: str, text: str) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(textwrap.dedent(text))

@@ -21,6 +21,7 @@ schemas); the one they need an engine for, `docker tag`, runs here.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, clean_env, readme_commands
+from conftest import DAMAGE_TOKENIZER, ROOT, clean_env, readme_commands
 
 pytestmark = pytest.mark.docker
 
@@ -381,7 +382,9 @@ def test_a_vision_recipe_trains_and_generates_inside_the_container(image, tmp_pa
 
 def test_the_readmes_export_llama_cpp_and_generate_lines_work_on_a_finished_run(image, tmp_path, work):
     """After the smoke line (10 steps here): export to a merged model and GGUF files, quantized to
-    q4_k_m by the image's llama.cpp, which then loads the file and generates; then generate."""
+    q4_k_m by the image's llama.cpp, each checked against the trained model (the GGUF files by the
+    image's llama-perplexity and llama-completion); llama.cpp then loads a file and generates; then
+    generate."""
     outputs = mkdir_outputs(tmp_path)
     assert sh(work(smoke_line()) + " training.max_steps=10", tmp_path).returncode == 0
     export = readme_command("docker run", lambda c: f" {IMAGE} export " in c, "export")
@@ -390,6 +393,11 @@ def test_the_readmes_export_llama_cpp_and_generate_lines_work_on_a_finished_run(
     run = outputs / "smoke"
     assert (run / "merged_16bit" / "model.safetensors").is_file()
     assert sorted(p.name for p in (run / "gguf").iterdir()) == ["smoke-q4_k_m.gguf", "smoke-q8_0.gguf"]
+    checks = {Path(r["path"]).name: r["check"] for r in json.loads((run / "exports.json").read_text())}
+    assert sorted(checks) == ["merged_16bit", "smoke-q4_k_m.gguf", "smoke-q8_0.gguf"]
+    for name, check in checks.items():
+        assert check["ok"] is True and check["prompts_rendered_as_trained"] == "4/4", (name, check)
+    assert all(checks[f"smoke-{q}.gguf"]["scored_by"] == "llama.cpp" for q in ("q8_0", "q4_k_m"))
 
     llama = readme_command("docker run", lambda c: "llama-simple" in c, "llama.cpp")
     done = sh(llama, tmp_path)
@@ -400,6 +408,49 @@ def test_the_readmes_export_llama_cpp_and_generate_lines_work_on_a_finished_run(
     generate = readme_command("docker run", lambda c: f" {IMAGE} generate " in c, "generate")
     done = sh(work(generate), tmp_path)
     assert done.returncode == 0 and done.stdout.strip(), done.stderr[-3000:]
+
+
+# The image's llama.cpp converter, after the merged model's tokenizer is damaged (conftest.DAMAGE_TOKENIZER).
+CONVERT_DAMAGED = """
+import runpy
+import sys
+from pathlib import Path
+
+reverse_ordinary_ids(Path(sys.argv[1]) / "tokenizer.json")
+runpy.run_path("/opt/llama.cpp/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def llama_cpp_parts() -> tuple[str, ...]:
+    """What requirements/llama_cpp.py puts in the image's /opt/llama.cpp."""
+    spec = importlib.util.spec_from_file_location("llama_cpp_pin", ROOT / "requirements" / "llama_cpp.py")
+    assert spec is not None and spec.loader is not None
+    pin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pin)
+    return (*pin.PYTHON_PARTS, *pin.TARGETS)
+
+
+def test_a_gguf_whose_tokenizer_is_damaged_before_conversion_fails_its_check_with_exit_1(image, tmp_path, work):
+    """The README's export line with a llama.cpp folder that is the image's, but for a converter
+    that first reverses the ids of the merged model's tokens: the GGUF file is written, and its check
+    fails the export with exit 1 and one line naming the file and its figures."""
+    outputs = mkdir_outputs(tmp_path)
+    assert sh(work(smoke_line()) + " training.max_steps=10", tmp_path).returncode == 0
+    damaging = tmp_path / "damaging-llama.cpp"
+    damaging.mkdir()
+    for part in llama_cpp_parts():
+        if part != "convert_hf_to_gguf.py":
+            (damaging / part).symlink_to(f"/opt/llama.cpp/{part}")  # a path inside the container
+    (damaging / "convert_hf_to_gguf.py").write_text(DAMAGE_TOKENIZER + CONVERT_DAMAGED)
+    export = work(readme_command("docker run", lambda c: f" {IMAGE} export " in c, "export"))
+    assert "--to merged_16bit gguf:q8_0,q4_k_m" in export
+    mount = f"-v {damaging}:/workspace/damaging:ro"
+    export = with_flags(export, mount, "-e UNSLOTH_LLAMA_CPP_PATH=/workspace/damaging")
+    done = sh(export.replace("--to merged_16bit gguf:q8_0,q4_k_m", "--to gguf:q8_0"), tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    (failed,) = [line for line in done.stderr.splitlines() if line.startswith("export check failed:")]
+    assert failed.startswith("export check failed: gguf smoke-q8_0.gguf: perplexity "), failed
+    assert "Traceback" not in done.stderr and (outputs / "smoke" / "gguf" / "smoke-q8_0.gguf").is_file()
 
 
 def steps_logged(container: str) -> int:

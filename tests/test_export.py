@@ -1,9 +1,12 @@
-"""After training: export a run (merged 16-bit weights, GGUF), try it (`generate`), and what is
-refused. On the CPU with the smoke recipe; the evaluation itself is asserted in test_e2e.py.
+"""After training: export a run (merged 16-bit weights, GGUF), the check of each export against the
+trained model, try it (`generate`), and what is refused. On the CPU with the smoke recipe; the
+evaluation itself is asserted in test_e2e.py.
 
 GGUF files here are what llama.cpp's own converter writes (f16, q8_0), read back with
-llama.cpp's gguf-py. llama-quantize (k-quants) and loading a GGUF file back into llama.cpp to
-generate run in the image tests, where the pinned llama.cpp is compiled."""
+llama.cpp's gguf-py, written with --no-check: checking a GGUF file takes the compiled
+llama-perplexity and llama-completion. llama-quantize (k-quants), the checks of GGUF files and
+loading one back into llama.cpp to generate run in the image tests (test_docker.py), where the
+pinned llama.cpp is compiled. The merged model's check runs here (transformers)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, run_cli, write_recipe
+from conftest import DAMAGE_TOKENIZER, ROOT, clean_env, run_cli, write_recipe
+
+from recipes import exports
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +82,7 @@ def read_gguf(path: Path, llama_cpp: Path) -> dict:
 
 
 def test_export_writes_a_merged_model_and_gguf_files_and_records_them(single_run, llama_cpp):
-    done = run_cli("export", str(single_run), "--to", "merged_16bit", "gguf:q8_0,f16", cwd=single_run,
+    done = run_cli("export", str(single_run), "--to", "merged_16bit", "gguf:q8_0,f16", "--no-check", cwd=single_run,
                    env=env_with(llama_cpp))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     merged_matches_adapter(single_run)
@@ -94,6 +99,52 @@ def test_export_writes_a_merged_model_and_gguf_files_and_records_them(single_run
         ("gguf", "smoke-f16.gguf"),
     ]
     assert not list(single_run.glob(".export-*")) and not list(single_run.glob(".*.tmp-*")), "no scratch is left"
+
+
+def record_of(run: Path, name: str) -> dict:
+    (record,) = [r for r in json.loads((run / "exports.json").read_text()) if Path(r["path"]).name == name]
+    return record
+
+
+def test_the_merged_export_checks_itself_against_the_trained_model_on_the_runs_evaluation_rows(single_run):
+    done = run_cli("export", str(single_run), "--to", "merged_16bit", cwd=single_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check = record_of(single_run, "merged_16bit")["check"]
+    assert check["ok"] is True and "checked: perplexity ratio" in done.stdout
+    assert (check["rows"], check["rows_from"]) == (9, "the run's evaluation rows (data.eval_fraction 0.1)")
+    assert abs(check["ratio"] - 1) <= exports.CHECK_TOLERANCE["merged_16bit"]
+    assert check["ratio"] == pytest.approx(check["perplexity"] / check["trained_perplexity"], abs=1e-3)
+    assert check["prompts_rendered_as_trained"] == "4/4"
+
+
+def test_a_merged_export_whose_tokenizer_is_damaged_fails_its_check_with_exit_1_naming_it(single_run, tmp_path):
+    """The export's own process, its merge damaging the tokenizer it saves (conftest.DAMAGE_TOKENIZER)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(single_run, run, ignore=shutil.ignore_patterns("merged_16bit", "gguf", "exports.json"))
+    damaging = DAMAGE_TOKENIZER + (
+        "import sys\nfrom trainer import export\nmerge = export.merge\n"
+        "def damaged(run, adapter, dest):\n    merge(run, adapter, dest)\n"
+        "    reverse_ordinary_ids(dest / 'tokenizer.json')\n    return dest\n"
+        "export.merge = damaged\nsys.exit(export.main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", damaging, "--run", str(run), "--to", "merged_16bit"], cwd=tmp_path,
+                          env=clean_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("export check failed:")]
+    assert line.startswith("export check failed: merged_16bit merged_16bit: perplexity ")
+    assert "vs the trained model's" in line and "prompts rendered as in training: 0/4" in line
+    assert record_of(run, "merged_16bit")["check"]["ok"] is False
+    assert (run / "merged_16bit" / "model.safetensors").is_file(), "the export stays, for a look"
+
+
+def test_no_check_exports_without_llama_cpps_checking_tools_and_records_the_check_as_skipped(single_run, llama_cpp):
+    done = run_cli("export", str(single_run), "--to", "gguf:f16", "--no-check", cwd=single_run, env=env_with(llama_cpp))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (llama_cpp / "llama-perplexity").exists(), "the converter alone: nothing to check with"
+    assert record_of(single_run, "smoke-f16.gguf")["check"] == {"skipped": "--no-check"}
+    assert "not checked (--no-check)" in done.stdout
 
 
 def test_a_recipe_name_finds_its_run_folder(single_run, llama_cpp):
@@ -114,6 +165,7 @@ def test_an_fsdp_run_merges_at_the_end_of_training_as_its_recipe_asks(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "fsdp" and metrics["exported"] == [str(out / "merged_16bit")]
     merged_matches_adapter(out)
+    assert record_of(out, "merged_16bit")["check"]["ok"] is True, "checked at the end of training too"
 
 
 def test_a_stopped_runs_newest_checkpoint_exports_as_its_adapter(tmp_path, llama_cpp):
@@ -185,7 +237,7 @@ def listing(folder: Path) -> list[Path]:
         (lambda tmp: fake_run(tmp, 0.1), ["merged"], "'merged' is not an export (did you mean 'merged_16bit'?)"),
         (lambda tmp: fake_run(tmp, 0.1, full=True), ["merged_16bit"], "model/ is already the whole 16-bit model"),
         (lambda tmp: fake_run(tmp, 2000), ["merged_16bit"], "GiB of memory, but"),
-        (lambda tmp: fake_run(tmp, 2000, full=True), ["gguf:q8_0"], "GiB free but the run will write"),
+        (lambda tmp: fake_run(tmp, 2000, full=True), ["gguf:q8_0", "--no-check"], "GiB free but the run will write"),
     ],
 )
 def test_an_impossible_export_is_refused_with_the_value_and_the_fix(tmp_path, llama_cpp, make, to, message):
@@ -215,6 +267,14 @@ def test_a_k_quant_without_a_built_llama_quantize_is_refused_naming_make_llama_c
     done = run_cli("export", str(run), "--to", "gguf:q4_k_m", cwd=tmp_path, env=env_with(converter_only))
     assert done.returncode == 2 and "a built llama-quantize is not in llama.cpp folder" in done.stderr
     assert "make llama-cpp" in done.stderr
+
+
+def test_a_gguf_export_that_cannot_be_checked_here_is_refused_naming_the_tools_and_no_check(tmp_path, llama_cpp):
+    run = fake_run(tmp_path, 0.1)
+    done = run_cli("export", str(run), "--to", "gguf:q8_0", cwd=tmp_path, env=env_with(llama_cpp))
+    assert done.returncode == 2 and "the built llama-perplexity and llama-completion" in done.stderr
+    assert "make llama-cpp" in done.stderr and "export --no-check" in done.stderr
+    assert not (run / "gguf").exists() and not (run / "exports.json").exists()
 
 
 def test_a_recipe_that_has_not_run_yet_is_named(tmp_path):

@@ -195,7 +195,8 @@ def kube_documents() -> list[tuple[str, dict]]:
 
 
 def containers(doc: dict) -> list[dict]:
-    return [container for spec in pod_specs(doc) for container in spec["containers"]]
+    """Every container of a resource's pods, init containers included."""
+    return [c for spec in pod_specs(doc) for c in spec.get("initContainers", []) + spec["containers"]]
 
 
 def image_component(root: Path = KUBE) -> dict:
@@ -261,6 +262,9 @@ def test_every_pod_is_non_root_read_only_with_shm_volumes_and_the_token_from_a_s
             assert {"/dev/shm", "/workspace/outputs", "/workspace/cache", "/tmp"} <= mounts
             token = [e for e in container.get("env", []) if e["name"] == "HF_TOKEN"]
             assert all("secretKeyRef" in e["valueFrom"] for e in token)
+        for init in spec.get("initContainers", []):  # no outputs: they write nothing a run keeps
+            assert init["securityContext"]["readOnlyRootFilesystem"] is True
+            assert {"/dev/shm", "/workspace/cache", "/tmp"} <= {m["mountPath"] for m in init["volumeMounts"]}
 
 
 @pytest.mark.parametrize("name,doc", [d for d in kube_documents() if d[1]["kind"] == "Job"])
@@ -275,6 +279,24 @@ def test_every_one_pod_job_plans_the_mode_it_names_on_the_gpus_it_requests(name,
     p = plan_for(env, loaded, gpus.assumed(f"{count}x80"), "/workspace")
     assert p.mode == environment.parse_parallelism(env["PARALLELISM"]) and not p.warnings
     assert len(p.gpu_ids) == count
+
+
+def test_the_ddp_example_first_checks_the_collectives_of_the_ranks_its_training_container_starts():
+    """An init container runs `doctor --collectives` with the training container's shape (its
+    PARALLELISM, NUM_GPUS and GPUs), so a pod whose GPUs cannot talk fails before any weights load."""
+    from entrypoint import collectives, environment, gpus
+
+    (doc,) = [doc for name, doc in kube_documents() if name == "ddp/Job"]
+    spec = doc["spec"]["template"]["spec"]
+    (init,), (train,) = spec["initContainers"], spec["containers"]
+    assert init["args"][:2] == ["doctor", "--collectives"] and "--timeout" in init["args"]
+    shape = {"PARALLELISM", "NUM_GPUS"}
+    assert [e for e in init["env"] if e["name"] in shape] == [e for e in train["env"] if e["name"] in shape]
+    count = init["resources"]["limits"]["nvidia.com/gpu"]
+    assert count == train["resources"]["limits"]["nvidia.com/gpu"]
+    env = {e["name"]: e["value"] for e in init["env"]}
+    check = collectives.plan(environment.read(env), gpus.assumed(f"{count}x80"), 300)
+    assert (check.backend, check.world_size) == ("nccl", count)
 
 
 def test_every_pod_runs_the_image_named_in_the_image_component_pulled_only_when_missing():

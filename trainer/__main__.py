@@ -79,7 +79,7 @@ def prepare(argv: list[str] | None) -> Job:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_mode(args.mode, world_size)
     modes.refuse_fsdp_switch(args.mode, os.environ.get(FSDP_SWITCH))
-    exports.check_possible(recipe.output.gguf_quants, os.environ)
+    exports.check_possible(recipe.output.gguf_quants, os.environ, recipe.output.check)
     run = Run(folder_of(recipe, os.environ.get("OUTPUTS_DIR"), os.getcwd()).resolve(), recipe)
     run.folder.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.tensorboard))

@@ -96,3 +96,26 @@ def build(data: DataConfig, seed: int):
         )
         return train, _checked_and_shaped(held_out, data, "data.eval_split", data.eval_split)
     return train, None
+
+
+def held_out(data: DataConfig, seed: int, count: int) -> tuple[list, str]:
+    """Up to `count` shaped rows the run did not train on, and where they come from: its evaluation
+    rows (build()'s, in the same order: a seeded split depends only on the number of rows, so it is
+    taken on the raw rows and only those kept are shaped), else a seeded sample of its training rows."""
+    if data.eval_split is not None:
+        local = Path(data.eval_split).exists()
+        source = data.eval_split if local else data.source
+        raw = load_rows(source, data.eval_split, columns=data.columns, subset=data.subset, fmt=data.format)
+        field, where = "data.eval_split", data.eval_split
+        origin = f"the run's evaluation rows (data.eval_split {data.eval_split})"
+    else:
+        raw = load_rows(data.source, data.split, data.max_samples, data.columns, data.subset, data.format)
+        field, where = "data.source", data.source
+        if data.eval_fraction is not None:
+            raw = raw.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)["test"]
+            origin = f"the run's evaluation rows (data.eval_fraction {data.eval_fraction})"
+        else:
+            raw = raw.shuffle(seed=seed)
+            origin = f"a seeded sample of the training rows (seed {seed}): the run has no evaluation rows"
+    raw = raw.select(range(min(count, len(raw))))
+    return list(_checked_and_shaped(raw, data, field, where)), origin

@@ -34,6 +34,7 @@ from peft import PeftModel
 from recipes import atomic, exports
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 from recipes.runs import Run
+from trainer import export_check
 
 # What a checkpoint holds besides the adapter and the tokenizer: only resuming needs it.
 TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state*", "trainer_state.json", "training_args.bin")
@@ -113,8 +114,12 @@ def gguf(model: Path, dest: Path, name: str, quants: tuple[str, ...], llama_cpp:
     return written
 
 
-def export_run(run: Run, targets: list[tuple[str, tuple[str, ...]]], llama_cpp: Path) -> list[dict]:
-    """Write each target into the run's folder; returns what was written (also in exports.json)."""
+def export_run(
+    run: Run, targets: list[tuple[str, tuple[str, ...]]], llama_cpp: Path, check: bool = True, unchecked_by: str = ""
+) -> list[dict]:
+    """Write each target into the run's folder, then check each merged / GGUF one against the trained
+    model (trainer/export_check.py), unless `check` is off (by `unchecked_by`, the option that said so);
+    returns what was written, with the checks (also in exports.json)."""
     records = []
     full = run.recipe.model.full_finetuning
     with tempfile.TemporaryDirectory(dir=run.folder, prefix=".export-") as scratch:
@@ -133,6 +138,12 @@ def export_run(run: Run, targets: list[tuple[str, tuple[str, ...]]], llama_cpp: 
                 paths = gguf(merged_dir, run.gguf, str(run.recipe.name), quants, llama_cpp)
             seconds = round(time.time() - started, 2)
             records += [{"kind": kind, "path": str(p), "bytes": size_of(p), "seconds": seconds} for p in paths]
+    if check:
+        export_check.check_exports(run, records, llama_cpp)
+    else:
+        for record in records:
+            if record["kind"] != "adapter":
+                record["check"] = {"skipped": unchecked_by or "--no-check"}
     previous = json.loads(run.exports.read_text()) if run.exports.is_file() else []
     kept = [r for r in previous if r["path"] not in {n["path"] for n in records}]
     atomic.write_text(run.exports, json.dumps(kept + records, indent=2) + "\n")
@@ -147,19 +158,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trainer.export", description=__doc__)
     parser.add_argument("--run", required=True, help="the run's output folder")
     parser.add_argument("--to", nargs="+", required=True, metavar="KIND", help="adapter, merged_16bit, gguf[:Q,...]")
+    parser.add_argument("--no-check", action="store_true", help="do not check the exports against the trained model")
     args = parser.parse_args(argv)
     try:
         run = Run.read(Path(args.run))
         targets = exports.parse_targets(args.to)
-        records = export_run(run, targets, exports.llama_cpp_folder(os.environ))
+        records = export_run(run, targets, exports.llama_cpp_folder(os.environ), check=not args.no_check)
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for record in records:
         print(
             f"exported {record['kind']}: {record['path']} ({record['bytes'] / 1024**2:.1f} MiB, {record['seconds']} s)"
+            + checked(record.get("check"))
         )
-    return 0
+    return report_failures(records)
+
+
+def checked(check: dict | None) -> str:
+    """How an export's check went, for its line (the figures are in exports.json)."""
+    if not check:
+        return ""
+    if "skipped" in check:
+        return f"; not checked ({check['skipped']})"
+    if "error" in check:
+        return "; check FAILED"
+    verdict = "checked" if check["ok"] else "check FAILED"
+    return f"; {verdict}: perplexity ratio {export_check.number(check['ratio'])} (±{check['tolerance']:g})"
+
+
+def report_failures(records: list[dict]) -> int:
+    """Exit 1, one line per target that failed its check (the files stay, for a look)."""
+    lines = export_check.failure_lines(records)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return 1 if lines else 0
 
 
 if __name__ == "__main__":

@@ -123,14 +123,15 @@ def save_and_measure(job: Job, trainer, tokenizer, record, loaded: dict[str, Any
     return measured
 
 
-def export_trained(job: Job) -> list[str]:
-    """output.save's merged / GGUF exports, from the saved adapter, in this process alone."""
-    quants = job.recipe.output.gguf_quants
-    targets = [(kind, quants if kind == "gguf" else ()) for kind in job.recipe.output.save if kind != "adapter"]
+def export_trained(job: Job) -> list[dict]:
+    """output.save's merged / GGUF exports, from the saved adapter, in this process alone, checked
+    against the trained model unless output.check is off; the records of exports.json."""
+    out = job.recipe.output
+    targets = [(kind, out.gguf_quants if kind == "gguf" else ()) for kind in out.save if kind != "adapter"]
     if not targets:
         return []
-    records = export.export_run(job.run, targets, exports.llama_cpp_folder(os.environ))
-    return list(dict.fromkeys(str(job.run.export_dir(r["kind"])) for r in records))
+    llama_cpp = exports.llama_cpp_folder(os.environ)
+    return export.export_run(job.run, targets, llama_cpp, check=out.check, unchecked_by="output.check=false")
 
 
 def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], cuda: bool) -> None:
@@ -235,6 +236,9 @@ def run(job: Job, cuda: bool) -> int:
     main_process = trainer.accelerator.is_main_process
     close(trainer)  # the other ranks are done; exports need no collective
     if main_process:
-        measured["exported"] = export_trained(job)
+        records = export_trained(job)
+        measured["exported"] = list(dict.fromkeys(str(job.run.export_dir(r["kind"])) for r in records))
         write_metrics(job, trainer, result, record, measured, cuda)
+        # Trained and saved; an export outside its tolerance still fails the run (exit 1, its line).
+        return export.report_failures(records)
     return 0
