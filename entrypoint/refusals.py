@@ -33,7 +33,7 @@ def check(request: Request, recipe: Recipe, host: Host, mode: Mode, gpu: bool) -
     modes.refuse_fsdp_switch(mode, request.fsdp_switch)
     format_or_method_in_mode(recipe, mode)
     images_for_a_text_model(recipe, host.model_config, host.model_config_source)
-    refuse_quantized_images_on_cpu(recipe.data.format, recipe.model.load_in, gpu)
+    refuse_quantized_images_on_cpu(recipe.vision, recipe.model.load_in, gpu)
     generation_unavailable(recipe, gpu, host.vllm_installed)
 
 
@@ -45,9 +45,9 @@ def gguf_without_llama_cpp(recipe: Recipe, host: Host) -> None:
 def format_or_method_in_mode(recipe: Recipe, mode: Mode) -> None:
     """A data format or a method that cannot train in this mode (the tables of recipes/formats.py
     and recipes/methods.py)."""
-    fmt, method = recipe.format, METHODS[recipe.training.method]
+    method = METHODS[recipe.training.method]
     for what, refused, why in (
-        (f"data.format {fmt.name}", fmt.refused_modes, fmt.why_refused),
+        *((f"data.format {fmt.name}", fmt.refused_modes, fmt.why_refused) for fmt in recipe.formats),
         (f"training.method {method.name}", method.refused_modes, method.why_refused),
     ):
         if mode in refused:

@@ -7,8 +7,10 @@ It reads top to bottom in phases:
   prepare   the recipe, this process's place in the launch (refusing the trap), the output
             folder and the checkpoint to resume from; a bad recipe exits 2 before anything
             loads (trainer/__main__.py, before the stack is imported)
-  data      every row checked and shaped for the method, evaluation rows held out (trainer/data.py)
-  load      the model with the placement the mode needs, and LoRA (trainer/models.py)
+  data      every row checked and shaped for the method, the sources mixed, evaluation rows held out
+            (trainer/data.py); once per machine, kept in the cache volume (trainer/prepare.py)
+  load      the model with the placement the mode needs, and LoRA (trainer/models.py); then the
+            rows SFTTrainer tokenizes are tokenized, once per machine and kept as well
   trainer   the method's TRL trainer (trainer/methods.py), progress and preemption callbacks
   train     resuming from the newest checkpoint, evaluating at the start, every eval_steps and at
             the end; SIGTERM stops every rank at one step
@@ -34,7 +36,7 @@ from accelerate.utils import gather_object
 
 from recipes import atomic, exports
 from recipes.modes import SPECS
-from trainer import data, export, models, preemption, progress, random_model, save
+from trainer import export, models, preemption, prepare, progress, random_model, save
 from trainer.methods import make_trainer
 
 if TYPE_CHECKING:  # the entry module (python -m trainer) makes the Job; importing it would run it again
@@ -77,10 +79,11 @@ def train(job: Job, trainer, record, stopper, evaluating: bool):
 # ---- save, metrics
 
 
-def save_and_measure(job: Job, trainer, tokenizer, record) -> dict[str, Any]:
+def save_and_measure(job: Job, trainer, tokenizer, record, data_record: prepare.Record) -> dict[str, Any]:
     """Every rank: gather what the metrics need, save from the main process; -> the measurements."""
     full = job.recipe.model.full_finetuning
     measured = {
+        "data": gather_object([data_record.as_json(job.local_rank)]),
         "trainable_elements_per_rank": record.held,
         "peak_memory_gib": gather_object([progress.peak_memory_gib()]),
         # Counted in the collator; GRPO's batches are raw prompts, so there TRL's own count serves.
@@ -135,6 +138,10 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
             )
         },
         "wall_time_s": round(wall, 3),
+        # This process's data phase: checked, shaped, tokenized (or reused, or read where local rank 0
+        # put them); each rank's in data_per_rank.
+        "data_prepare_s": measured["data"][0]["seconds"],
+        "data_per_rank": measured["data"],
         "peak_memory_gib": measured["peak_memory_gib"],
         "trainable_elements_per_rank": measured["trainable_elements_per_rank"],
         "trainable_fingerprints": measured["trainable_fingerprints"],
@@ -181,19 +188,32 @@ def close(trainer) -> None:
 # ---- the program
 
 
-def run(job: Job, cuda: bool) -> int:
-    # Data before the model: a bad row must stop the run before minutes of model loading.
-    dataset, eval_dataset = data.build(job.recipe.data, job.recipe.training.seed)
-    model_name = random_model.model_for(job.run, dataset)
+def data_and_model(job: Job, cuda: bool):
+    """-> (model, tokenizer, training rows, evaluation rows, the data phase's record). Data before the
+    model: a bad row must stop the run before minutes of model loading; the rows SFTTrainer would
+    tokenize are tokenized once the model's tokenizer is loaded (Unsloth's, as training uses it)."""
+    handoff = prepare.Handoff(job.world_size, job.local_rank)
+    record = prepare.Record()
+    shaped = record.stages["shaped"] = prepare.shaped(job.recipe, handoff)
+    model_name = random_model.model_for(job.run, shaped.train)
     models.check_chat_template(job.recipe, model_name)
     model, tokenizer = models.load(job.recipe, model_name, SPECS[job.mode].device_map(cuda, job.local_rank))
+    rows = shaped
+    if prepare.tokenizes(job.recipe):
+        rows = record.stages["tokenized"] = prepare.tokenized(job.recipe, shaped, tokenizer, handoff)
+    print(f"data: local rank {job.local_rank}: {record.summary()}", flush=True)
+    return model, tokenizer, rows.train, rows.eval, record
+
+
+def run(job: Job, cuda: bool) -> int:
+    model, tokenizer, dataset, eval_dataset, data_record = data_and_model(job, cuda)
     trainer, record, stopper = build_trainer(job, model, tokenizer, dataset, eval_dataset)
     result = train(job, trainer, record, stopper, evaluating=eval_dataset is not None)
     if stopper.stopped_at is not None:
         status = preempted(job, trainer, record, stopper.stopped_at)
         close(trainer)
         return status
-    measured = save_and_measure(job, trainer, tokenizer, record)
+    measured = save_and_measure(job, trainer, tokenizer, record, data_record)
     main_process = trainer.accelerator.is_main_process
     close(trainer)  # the other ranks are done; exports need no collective
     if main_process:
