@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from entrypoint import doctor, environment, followup, host, launch
+from entrypoint import datareport, doctor, environment, followup, host, launch
 from entrypoint.plan import Plan, make
 from recipes import catalog, exports
 from recipes.errors import EXIT_BAD_INPUT, BadInput
@@ -151,6 +151,8 @@ def print_plan(plan: Plan) -> None:
             f"one copy: weights {mem['weights_gib']}, trainable {mem['trainable_gib']}, "
             f"activations {mem['activations_gib']}, total {mem['total_gib']})"
         )
+    for index, line in enumerate(datareport.lines([datareport.SourceReport(**r) for r in plan.data])):
+        print(("data        " if index == 0 else " " * 12) + line)
     print(f"output      {plan.output_dir}")
     for warning in plan.warnings:
         print(f"warning     {warning}")
@@ -203,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             loaded = catalog.load(recipe_name(args, request), args.overrides)
             if args.command == "validate":
                 print(f"# {loaded.path}: valid", file=sys.stderr)
+                files = host.tokenizer_files(loaded.recipe, os.environ)
+                for line in datareport.lines(datareport.report(loaded.recipe, loaded.samples, files)):
+                    print(f"# {line}", file=sys.stderr)
             print(catalog.to_yaml(loaded.recipe), end="")
             return 0
         if args.command in ("export", "generate"):

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from entrypoint import memory, refusals
+from entrypoint import datareport, memory, refusals
 from entrypoint.decide import decide
 from entrypoint.environment import Cluster, Request
 from entrypoint.gpus import Gpu
@@ -56,6 +56,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # path -> text, written by the act step
     generation: str | None = None  # grpo: what generates the completions (vllm, transformers)
+    data: list[dict[str, Any]] = field(default_factory=list)  # what the data is (entrypoint/datareport.py)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -177,6 +178,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
         warnings=memory_warnings(est, mode, chosen, per_gpu) + merge_warnings(recipe, est, host.ram_available_gib),
         files=files,
         generation=generation,
+        data=[r.as_json() for r in datareport.report(recipe, loaded.samples, host.tokenizer)],
     )
     files[str(launch / "plan.json")] = json.dumps(plan.as_json(), indent=2) + "\n"
     return plan
