@@ -88,6 +88,7 @@ def save_and_measure(job: Job, trainer, tokenizer, record, data_record: prepare.
         "peak_memory_gib": gather_object([progress.peak_memory_gib()]),
         # Counted in the collator; GRPO's batches are raw prompts, so there TRL's own count serves.
         "tokens": sum(gather_object([record.counter.tokens])) or record.logged_tokens,
+        "real_tokens": sum(gather_object([record.counter.real_tokens])),
         "saved": str(job.run.weights),
     }
     # Under fsdp every rank enters while the shards are gathered to rank 0 (for an adapter, only
@@ -126,10 +127,12 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
         "train_runtime_s": round(runtime, 3),
         "tokens": measured["tokens"],
         "tokens_per_second": round(measured["tokens"] / runtime, 1) if runtime else None,
+        "real_tokens": measured["real_tokens"],
         **{
             k: steady[k]
             for k in (
                 "steady_tokens_per_second",
+                "steady_real_tokens_per_second",
                 "step_time_s",
                 "time_to_first_step_s",
                 "steps_measured",
