@@ -277,42 +277,50 @@ class Counter:
     rows: int = 0
 
 
-def _ids(encoded) -> list[int]:
-    ids = encoded["input_ids"]
-    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+def _render(tokenizer, messages: list, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def tokenize_row(row: dict[str, Any], tokenizer, counter: Counter) -> dict[str, list[int]]:
-    """input_ids and labels (-100: no loss) of one shaped row. A chat is rendered by the tokenizer's
-    chat template; prompt/completion chats learn the completion only, from where the prompt rendered
-    alone (with the generation prompt) stops matching; text ends in EOS."""
-    counter.rows += 1
-    if row.get("prompt") is not None:
-        prompt = _ids(tokenizer.apply_chat_template(row["prompt"], tokenize=True, return_dict=True,
-                                                    add_generation_prompt=True))  # fmt: skip
-        ids = _ids(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True))
-        start = common_prefix_length(prompt, ids)
-        return {"input_ids": ids, "labels": [-100] * start + ids[start:]}
-    if row.get("messages") is not None:
-        ids = _ids(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True))
-        return {"input_ids": ids, "labels": list(ids)}
-    text = row["text"] if row["text"].endswith(tokenizer.eos_token) else row["text"] + tokenizer.eos_token
-    ids = _ids(tokenizer(text=text))
-    return {"input_ids": ids, "labels": list(ids)}
+def tokenize_rows(batch: dict[str, list], tokenizer, length: int | None, counter: Counter) -> dict[str, list]:
+    """input_ids and labels (-100: no loss) of a batch of shaped rows. A chat is rendered by the
+    tokenizer's chat template and tokenized without adding special tokens (the template writes them:
+    transformers' apply_chat_template); prompt/completion chats learn the completion only, from where
+    the prompt rendered alone (with the generation prompt) stops matching; text ends in EOS. Cut to
+    `length` (None: packed later), rows left with nothing to learn dropped. Batched: the tokenizer
+    encodes a batch on every core."""
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    counter.rows += len(rows)
+    encode = tokenizer  # __call__: the fast tokenizer's batch encoding
+    if batch.get("completion") is not None:
+        prompts = encode([_render(tokenizer, r["prompt"], True) for r in rows], add_special_tokens=False)["input_ids"]
+        chats = [_render(tokenizer, r["prompt"] + r["completion"]) for r in rows]
+        ids = encode(chats, add_special_tokens=False)["input_ids"]
+        starts = [common_prefix_length(p, i) for p, i in zip(prompts, ids, strict=True)]
+        labels = [[-100] * start + list(i[start:]) for start, i in zip(starts, ids, strict=True)]
+    elif batch.get("messages") is not None:
+        ids = encode([_render(tokenizer, r["messages"]) for r in rows], add_special_tokens=False)["input_ids"]
+        labels = [list(i) for i in ids]
+    else:
+        eos = tokenizer.eos_token
+        ids = encode(text=[r["text"] if r["text"].endswith(eos) else r["text"] + eos for r in rows])["input_ids"]
+        labels = [list(i) for i in ids]
+    if length is not None:
+        ids, labels = [i[:length] for i in ids], [label[:length] for label in labels]
+    kept = [n for n, label in enumerate(labels) if length is None or any(t != -100 for t in label)]
+    return {"input_ids": [list(ids[n]) for n in kept], "labels": [labels[n] for n in kept]}
 
 
 def tokenize(rows, tokenizer, recipe: Recipe, counter: Counter):
     """The shaped rows as SFTTrainer prepares them: tokenized, cut to max_seq_length (rows left with no
     label dropped), or packed into sequences of that length (TRL's pack_dataset, its default strategy)."""
     length = recipe.model.max_seq_length
+    packing = recipe.training.packing
     tokenized = rows.map(
-        tokenize_row, fn_kwargs={"tokenizer": tokenizer, "counter": counter},
+        tokenize_rows, batched=True, batch_size=1000,
+        fn_kwargs={"tokenizer": tokenizer, "length": None if packing else length, "counter": counter},
         remove_columns=rows.column_names, keep_in_memory=True, desc="Preparing (tokenizing) rows",
         new_fingerprint="tokenized",  # kept in memory, not in datasets' cache: no need to hash the tokenizer
     )  # fmt: skip
-    if recipe.training.packing:
+    if packing:
         return pack_dataset(tokenized, length, trl.SFTConfig.packing_strategy, {"keep_in_memory": True})
-    cut = tokenized.map(
-        lambda row: {"input_ids": row["input_ids"][:length], "labels": row["labels"][:length]}, keep_in_memory=True
-    )
-    return cut.filter(lambda row: any(label != -100 for label in row["labels"]), keep_in_memory=True)
+    return tokenized
