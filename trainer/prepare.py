@@ -264,7 +264,15 @@ def tokenized(recipe: Recipe, shaped_rows: Stage, tokenizer, handoff: Handoff) -
                  "rows": len(train), "eval_rows": len(held_out) if held_out is not None else 0}  # fmt: skip
         return train, held_out, counter.rows, about
 
-    return stage("tokenized", shaped_rows.folder / f"tokenized-{key}", handoff, make, started)
+    done = stage("tokenized", shaped_rows.folder / f"tokenized-{key}", handoff, make, started)
+    if not recipe.training.packing:
+        # Every row is cut to max_seq_length: said so to Unsloth, which then keeps its padding-free
+        # batches on a GPU (unsloth/models/rl.py reads `_unsloth_truncated_to`) instead of scanning
+        # every row on every rank and falling back to padded batches.
+        for rows in (done.train, done.eval):
+            if rows is not None:
+                rows._unsloth_truncated_to = recipe.model.max_seq_length
+    return done
 
 
 # ---- tokenizing as TRL's SFTTrainer would (trl/trainer/sft_trainer.py, _prepare_dataset)
