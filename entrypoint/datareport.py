@@ -122,14 +122,19 @@ def counter_for(recipe: Recipe, files: TokenizerFiles | None) -> tuple[Character
         )
         return Characters(), f"characters ({why})", []
     own = files.chat_template is not None
-    counter = Tokens(files, use_template=own and recipe.data.chat_template is None)
+    try:
+        counter = Tokens(files, use_template=own and recipe.data.chat_template is None)
+    except Exception as exc:  # tokenizers' own error, from its Rust core: a file this version cannot read
+        return Characters(), f"characters (the tokenizer.json of {files.folder} does not load here: {exc})", []
     notes = []
     if recipe.chats and counter.template is None:
-        notes.append(
-            f"chats counted by their turns' text: data.chat_template {recipe.data.chat_template} is applied in training"
-            if recipe.data.chat_template
-            else "chats counted by their turns' text: the tokenizer has no chat template"
-        )
+        if recipe.data.chat_template:
+            why = f"data.chat_template {recipe.data.chat_template} is applied in training"
+        elif counter.local.template_error:
+            why = f"the chat template does not compile here ({counter.local.template_error})"
+        else:
+            why = "the tokenizer has no chat template"
+        notes.append(f"chats counted by their turns' text: {why}")
     return counter, f"tokens (tokenizer.json of {files.folder})", notes
 
 

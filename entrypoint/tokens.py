@@ -64,7 +64,11 @@ class LocalTokenizer:
     def __init__(self, files: TokenizerFiles) -> None:
         self.folder = files.folder
         self.tokenizer = Tokenizer.from_str(files.tokenizer_json)
-        self.template = compile_template(files.chat_template) if files.chat_template else None
+        self.template, self.template_error = None, ""
+        try:
+            self.template = compile_template(files.chat_template) if files.chat_template else None
+        except jinja2.TemplateError as exc:  # a template transformers' own jinja environment may still take
+            self.template_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         self.special = {name: _content(files.config.get(name)) for name in SPECIAL_TOKENS}
 
     def text(self, text: str) -> int:

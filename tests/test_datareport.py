@@ -103,3 +103,12 @@ def test_a_hub_dataset_is_left_to_the_training_program(tmp_path):
         "data        data.source mlabonne/FineTome-100k: format sharegpt; a hub dataset, whose rows the training "
         "program checks before the model loads" in done.stdout
     )
+
+
+def test_a_tokenizer_file_that_does_not_load_leaves_lengths_in_characters_saying_why(tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(DATA / "tokenizer", folder)
+    (folder / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
+    (report,) = planned_data(tmp_path, recipe(tmp_path, str(folder)))
+    assert report["unit"] == "characters"
+    assert report["measured_by"].startswith(f"characters (the tokenizer.json of {folder} does not load here: ")
