@@ -196,7 +196,9 @@ def _local_data(value: str, field: str, base: Path, recipe_file: Path, must_be_l
     return found
 
 
-def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), rows: bool = True) -> LoadedRecipe:
+    """The recipe, validated, its local paths made absolute; with `rows`, the first rows of its local
+    data checked too (every process but the one that prepares the data leaves them to it)."""
     path = locate(name_or_path)
     raw = read_yaml(path)
     _moved_keys_in(raw, path)
@@ -222,7 +224,7 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Load
             "model": recipe.model.model_copy(update={"name": model_name}),
         }
     )
-    samples = tuple(_check_local_rows(recipe.data))
+    samples = tuple(_check_local_rows(recipe.data)) if rows else ()
     grpo = recipe.training.grpo
     if grpo is not None:
         reward_file = grpo.reward_file and _absolute_if_local(grpo.reward_file, base)
