@@ -87,10 +87,20 @@ SEED = 3407
 WORDS_PER_ROW = 2600  # > SEQ_LEN tokens once tokenized: every row fills the sequence, no padding
 
 
+def _words(rng: random.Random) -> list[str]:
+    return ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(30_000)]
+
+
+def vocabulary(seed: int = 0) -> list[str]:
+    """The 30k pseudo-words of the synthetic rows: enough distinct words for a 32k BPE, which the
+    benchmark models' tokenizers learn (bench/chats.py builds chats of them)."""
+    return _words(random.Random(seed))
+
+
 def synthetic_rows(count: int, seed: int = 0) -> list[str]:
-    """Rows of pseudo-words from a 30k-word vocabulary: enough distinct words for a 32k BPE."""
+    """Rows of pseudo-words from the vocabulary."""
     rng = random.Random(seed)
-    vocab = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(30_000)]
+    vocab = _words(rng)
     return [" ".join(rng.choices(vocab, k=WORDS_PER_ROW)) for _ in range(count)]
 
 

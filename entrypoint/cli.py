@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from entrypoint import collectives, doctor, environment, followup, gpus, host, launch
+from entrypoint import collectives, datareport, doctor, environment, followup, gpus, host, launch
 from entrypoint.plan import Plan, make
 from recipes import catalog, exports
 from recipes.errors import EXIT_BAD_INPUT, BadInput
@@ -173,25 +173,10 @@ def print_plan(plan: Plan) -> None:
     print(f"precision   {plan.mixed_precision}")
     if plan.generation is not None:
         print(f"generation  {plan.generation} (training.grpo.generation){generation_memory(plan)}")
-    mem = plan.memory
-    if mem.get("params_b") is not None:
-        print(
-            f"memory      ~{mem['per_gpu_gib']} GiB per GPU ({mem['params_b']}B parameters from {mem['source']}; "
-            f"one copy: weights {mem['weights_gib']}, trainable {mem['trainable_gib']}, "
-            f"activations {mem['activations_gib']}, total {mem['total_gib']})"
-        )
-        if plan.mode == "fsdp":
-            how = (
-                f"each rank loads the whole {mem['weights_gib']} GiB of {mem['load_in']} weights before FSDP2 "
-                f"shards them (only 16-bit weights load shard by shard)"
-                if mem["quantized"]
-                else "each rank reads its share of the 16-bit weights (sharded loading)"
-            )
-            load, train = mem["load_per_gpu_gib"], mem["train_per_gpu_gib"]
-            print(f"            loading ~{load} GiB per GPU: {how}; training ~{train}")
-        others = ", ".join(f"{m} ~{gib} GiB" for m, gib in mem.get("alternatives_per_gpu_gib", {}).items())
-        if others:
-            print(f"            per GPU in the other modes: {others}")
+    for line in memory_lines(plan.mode, plan.memory):
+        print(line)
+    for index, line in enumerate(datareport.lines([datareport.SourceReport(**r) for r in plan.data])):
+        print(("data        " if index == 0 else " " * 12) + line)
     print(f"output      {plan.output_dir}")
     for warning in plan.warnings:
         print(f"warning     {warning}")
@@ -215,6 +200,31 @@ def generation_memory(plan: Plan) -> str:
         f"; ~{held} GiB: a paged KV cache of {cache['num_blocks']} blocks x {cache['block_size']} tokens, "
         f"and passes of up to {cache['max_batch_tokens']} tokens"
     )
+
+
+def memory_lines(mode: str, mem: dict) -> list[str]:
+    """The plan's per-GPU memory: the estimate, under fsdp how it loads, and the other modes' figures."""
+    if mem.get("params_b") is None:
+        return []
+    lines = [
+        f"memory      ~{mem['per_gpu_gib']} GiB per GPU ({mem['params_b']}B parameters from {mem['source']}; "
+        f"one copy: weights {mem['weights_gib']}, trainable {mem['trainable_gib']}, "
+        f"activations {mem['activations_gib']}, total {mem['total_gib']})"
+    ]
+    if mode == "fsdp":
+        how = (
+            f"each rank loads the whole {mem['weights_gib']} GiB of {mem['load_in']} weights before FSDP2 "
+            f"shards them (only 16-bit weights load shard by shard)"
+            if mem["quantized"]
+            else "each rank reads its share of the 16-bit weights (sharded loading)"
+        )
+        lines.append(
+            f"            loading ~{mem['load_per_gpu_gib']} GiB per GPU: {how}; training ~{mem['train_per_gpu_gib']}"
+        )
+    others = ", ".join(f"{m} ~{gib} GiB" for m, gib in mem.get("alternatives_per_gpu_gib", {}).items())
+    if others:
+        lines.append(f"            per GPU in the other modes: {others}")
+    return lines
 
 
 def list_recipes() -> None:
@@ -260,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             loaded = catalog.load(recipe_name(args, request), args.overrides)
             if args.command == "validate":
                 print(f"# {loaded.path}: valid", file=sys.stderr)
+                files = host.tokenizer_files(loaded.recipe, os.environ)
+                for line in datareport.lines(datareport.report(loaded.recipe, loaded.samples, files)):
+                    print(f"# {line}", file=sys.stderr)
             print(catalog.to_yaml(loaded.recipe), end="")
             return 0
         if args.command in ("export", "generate"):

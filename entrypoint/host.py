@@ -4,6 +4,7 @@ read here, then handed to the pure planner (entrypoint/plan.py) as data.
 | fact                          | read from                                                    |
 | GPUs                          | nvidia-smi and the *_VISIBLE_DEVICES variables, or --assume-gpus |
 | the model's config.json       | a local folder, the Hugging Face cache, or one GET to the hub |
+| the model's tokenizer files   | a local folder or the Hugging Face cache (never the hub)     |
 | llama.cpp (for GGUF exports)  | $UNSLOTH_LLAMA_CPP_PATH or ~/.unsloth/llama.cpp               |
 | memory available (merging)    | /proc/meminfo                                                |
 | vLLM (GRPO's generation)      | whether the package is installed (not imported)              |
@@ -38,6 +39,7 @@ class Host:
     ram_available_gib: float | None = None  # None: unknown
     vllm_installed: bool = False  # GRPO generates with vLLM where it is (found, not imported)
     note: str | None = None  # something the user should know (the hub was not reachable, ...)
+    tokenizer: hub.TokenizerFiles | None = None  # the model's tokenizer, where it is on this machine
 
 
 def gather(
@@ -72,7 +74,16 @@ def gather(
         ram_available_gib=ram_available_gib(),
         vllm_installed=importlib.util.find_spec("vllm") is not None,
         note=note,
+        tokenizer=tokenizer_files(recipe, environ),
     )
+
+
+def tokenizer_files(recipe: Recipe, environ: Mapping[str, str]) -> hub.TokenizerFiles | None:
+    """The recipe's tokenizer where it is local (a model folder, the cache); a random-init model's is
+    trained on the data when the run starts, so there is none yet."""
+    if recipe.model.random_init is not None:
+        return None
+    return hub.cached_tokenizer(recipe.model.name, environ)
 
 
 def ram_available_gib(meminfo: Path = Path("/proc/meminfo")) -> float | None:

@@ -1,5 +1,6 @@
 """A model's config.json, wherever it is, so the memory planner can count its exact parameters:
-a local model folder, the newest snapshot in the Hugging Face cache, or one read from the hub.
+a local model folder, the newest snapshot in the Hugging Face cache, or one read from the hub; and
+its tokenizer's files, from a local folder or the cache only, for the data report.
 
 Acting, not planning: entrypoint/host.py gathers it before planning and the planner receives
 the parsed file as data. The hub read is one plain GET with a short timeout and no retries
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from entrypoint.environment import TRUE_WORDS
@@ -32,23 +34,67 @@ def is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith(("/", ".", "~"))
 
 
-def cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
-    """config.json of a local model folder, or of the newest snapshot in the Hugging Face cache."""
-    local = Path(name).expanduser() / "config.json"
-    candidates = [local]
+def local_folders(name: str, environ: Mapping[str, str]) -> list[Path]:
+    """Where a model's files may be on this machine: its local folder, then the snapshots of the
+    Hugging Face cache, newest first. Files are read from there, nothing is fetched."""
+    folders = [Path(name).expanduser()]
     hub_cache = environ.get("HF_HUB_CACHE") or str(
         Path(environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
     )
     if is_hub_id(name):
         snapshots = Path(hub_cache) / f"models--{name.replace('/', '--')}" / "snapshots"
         if snapshots.is_dir():
-            candidates += sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
+            folders += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    return folders
+
+
+def cached_config(name: str, environ: Mapping[str, str]) -> dict | None:
+    """config.json of a local model folder, or of the newest snapshot in the Hugging Face cache."""
+    for folder in local_folders(name, environ):
         try:
-            return json.loads(path.read_text())
+            return json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
             continue
     return None
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """A model's tokenizer as its files hold it (read, never run): the fast tokenizer's JSON, its
+    settings (tokenizer_config.json: special tokens) and its chat template, if it has one."""
+
+    folder: str
+    tokenizer_json: str
+    config: dict
+    chat_template: str | None
+
+
+def cached_tokenizer(name: str, environ: Mapping[str, str]) -> TokenizerFiles | None:
+    """The tokenizer files of a local model folder, or of the newest cached snapshot that has them."""
+    for folder in local_folders(name, environ):
+        try:
+            text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+            config_file = folder / "tokenizer_config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        except (OSError, ValueError):
+            continue
+        return TokenizerFiles(
+            str(folder), text, config if isinstance(config, dict) else {}, chat_template(folder, config)
+        )
+    return None
+
+
+def chat_template(folder: Path, config: dict) -> str | None:
+    """Where transformers keeps it: chat_template.jinja, or tokenizer_config.json's chat_template (one
+    template, or named ones of which "default" is used)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def local_config(recipe: Recipe, environ: Mapping[str, str]) -> tuple[dict | None, str]:

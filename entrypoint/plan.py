@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from entrypoint import memory, refusals
+from entrypoint import datareport, memory, refusals
 from entrypoint.decide import decide
 from entrypoint.environment import Cluster, Request
 from entrypoint.gpus import Gpu
@@ -59,6 +59,7 @@ class Plan:
     generation: str | None = None  # grpo: what generates the completions (vllm, transformers, continuous_batching)
     paged_cache: dict[str, int] | None = None  # continuous batching: its KV cache's blocks, as the trainer sizes it
     writes_output: bool = True  # holds the run folder's lock while it runs (generate only reads)
+    data: list[dict[str, Any]] = field(default_factory=list)  # what the data is (entrypoint/datareport.py)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -182,6 +183,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
         files=files,
         generation=generation,
         paged_cache=paged,
+        data=[r.as_json() for r in datareport.report(recipe, loaded.samples, host.tokenizer)],
     )
     files[str(launch / "plan.json")] = json.dumps(plan.as_json(), indent=2) + "\n"
     return plan

@@ -34,7 +34,7 @@ def check(request: Request, recipe: Recipe, host: Host, mode: Mode, gpus: int) -
     modes.refuse_fsdp_switch(mode, request.fsdp_switch)
     format_or_method_in_mode(recipe, mode)
     images_for_a_text_model(recipe, host.model_config, host.model_config_source)
-    refuse_quantized_images_on_cpu(recipe.data.format, recipe.model.load_in, gpus > 0)
+    refuse_quantized_images_on_cpu(recipe.vision, recipe.model.load_in, gpus > 0)
     generation_unavailable(recipe, gpus > 0, host.vllm_installed)
     paged_cache_across_gpus(recipe, mode, gpus)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,9 +21,20 @@ from pydantic import BaseModel, ValidationError
 from recipes import formats, rewards
 from recipes.errors import BadInput, closest, format_validation_error
 from recipes.methods import METHODS, MOVED_KEYS
-from recipes.schema import SAFE_NAME, Recipe
+from recipes.schema import SAFE_NAME, DataConfig, DataSource, Recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The first rows of one local source, as the launcher checked them (its columns renamed): what
+    validate and plan report on. A hub dataset's rows are read by the training program only."""
+
+    section: str  # where the source sits in the recipe: data, or data.sources[N]
+    source: str
+    rows: list[Any]
+    local: bool
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,7 @@ class LoadedRecipe:
     recipe: Recipe  # validated; name filled in; local paths made absolute
     path: Path  # the YAML file it came from
     overrides: tuple[str, ...] = ()
+    samples: tuple[Sample, ...] = ()  # each source's first rows, in the order of data.datasets
 
     @property
     def name(self) -> str:
@@ -86,9 +99,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The BaseModel inside `X`, `X | None`, else None."""
+    """The BaseModel inside `X`, `X | None`, else None (a list of them, data.sources, is one value)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if get_origin(annotation) in (list, dict):
+        return None
     for arg in get_args(annotation):
         found = _section_model(arg)
         if found is not None:
@@ -181,7 +196,9 @@ def _local_data(value: str, field: str, base: Path, recipe_file: Path, must_be_l
     return found
 
 
-def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), rows: bool = True) -> LoadedRecipe:
+    """The recipe, validated, its local paths made absolute; with `rows`, the first rows of its local
+    data checked too (every process but the one that prepares the data leaves them to it)."""
     path = locate(name_or_path)
     raw = read_yaml(path)
     _moved_keys_in(raw, path)
@@ -199,24 +216,15 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Load
                 f"rename the file or set name: in it"
             )
         updates["name"] = path.stem
-    data = recipe.data
-    source = _local_data(data.source, "data.source", base, path)
-    local = Path(source).exists()
-    eval_split = data.eval_split
-    if eval_split is not None and (local or formats.looks_local(eval_split)):
-        # With local training data, the evaluation rows are local too: a file or folder, not a split name.
-        eval_split = _local_data(eval_split, "data.eval_split", base, path, must_be_local=local)
     model_name = recipe.model.name if recipe.model.random_init else _absolute_if_local(recipe.model.name, base)
     recipe = recipe.model_copy(
         update={
             **updates,
-            "data": data.model_copy(update={"source": source, "eval_split": eval_split}),
+            "data": _with_local_paths(recipe.data, base, path),
             "model": recipe.model.model_copy(update={"name": model_name}),
         }
     )
-    for field, value in (("data.source", source), ("data.eval_split", eval_split)):
-        if value is not None and Path(value).exists():
-            formats.check_local_file(Path(value), recipe.data.format, field=field, columns=recipe.data.columns)
+    samples = tuple(_check_local_rows(recipe.data)) if rows else ()
     grpo = recipe.training.grpo
     if grpo is not None:
         reward_file = grpo.reward_file and _absolute_if_local(grpo.reward_file, base)
@@ -224,7 +232,43 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Load
         if reward_file != grpo.reward_file:
             grpo = grpo.model_copy(update={"reward_file": reward_file})
             recipe = recipe.model_copy(update={"training": recipe.training.model_copy(update={"grpo": grpo})})
-    return LoadedRecipe(recipe=recipe, path=path, overrides=tuple(overrides))
+    return LoadedRecipe(recipe=recipe, path=path, overrides=tuple(overrides), samples=samples)
+
+
+def _local_paths(source: DataSource, section: str, base: Path, recipe_file: Path) -> dict[str, Any]:
+    """A source's local paths made absolute (source, and eval_split where the data is local)."""
+    found = _local_data(source.source, f"{section}.source", base, recipe_file)
+    local = Path(found).exists()
+    eval_split = source.eval_split
+    if eval_split is not None and (local or formats.looks_local(eval_split)):
+        # With local training data, the evaluation rows are local too: a file or folder, not a split name.
+        eval_split = _local_data(eval_split, f"{section}.eval_split", base, recipe_file, must_be_local=local)
+    return {"source": found, "eval_split": eval_split}
+
+
+def _with_local_paths(data: DataConfig, base: Path, recipe_file: Path) -> DataConfig:
+    if data.sources is None:
+        return data.model_copy(update=_local_paths(data.datasets[0], "data", base, recipe_file))
+    sources = [
+        s.model_copy(update=_local_paths(s, data.section(i), base, recipe_file)) for i, s in enumerate(data.sources)
+    ]
+    return data.model_copy(update={"sources": sources})
+
+
+def _check_local_rows(data: DataConfig) -> Iterator[Sample]:
+    """Check the first rows of every local file of every source (and its evaluation rows): a bad row
+    is refused before anything starts. Yields each training source's rows, for the data report."""
+    for index, source in enumerate(data.datasets):
+        section = data.section(index)
+        local = Path(source.source).exists()
+        checked: list[Any] = []
+        for field, value in ((f"{section}.source", source.source), (f"{section}.eval_split", source.eval_split)):
+            if value is not None and Path(value).exists():
+                rows = formats.check_local_file(
+                    Path(value), source.format, field, source.columns, source.layout, section
+                )
+                checked = checked or rows
+        yield Sample(section, source.source, checked, local)
 
 
 def to_yaml(recipe: Recipe) -> str:

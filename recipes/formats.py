@@ -7,9 +7,14 @@ modes it cannot train in. Which methods train on which format: recipes/methods.p
   instruction {"instruction", "input", "output"} -> {"prompt", "completion"}  a user turn and its answer
   messages    {"messages": [{role, content}]}    -> {"messages"}              whole chats
                                                     {"prompt", "completion"}  ... train_on_responses_only
+  sharegpt    {"conversations": [{from, value}]} -> the same as messages      ShareGPT chats (human, gpt, ...)
   preference  {"prompt", "chosen", "rejected"}   -> the same                  preference pairs (dpo)
   prompt      {"prompt", "answer"?}              -> {"prompt", "answer"}      a chat to complete (grpo)
   vision      {"messages" with image parts, "images"} -> {"messages", "images"} chats about images
+
+Chats keep their turns in a Layout: the key of the list of turns, each turn's role and text keys, and
+what each role name means. messages and sharegpt are one layout each; a recipe's data.chat maps any
+other (recipes/schema.py's ChatMapping), and the row checks and the shaping read the layout.
 
 A new format is one entry in FORMATS (and its tests). Below the table: a local data source's files
 and rows. The launcher checks a local file's first rows when it validates a recipe; the training
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,8 +38,48 @@ ROLES = ("system", "user", "assistant", "tool")
 Row = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a chat row keeps its turns: `turns` names the list, each turn's `role` and `content` keys
+    hold its role name and its text, and `roles` says what each role name means (one of ROLES)."""
+
+    turns: str
+    role: str
+    content: str
+    roles: Mapping[str, str]
+
+    def mapped(self, turns: str | None, role: str | None, content: str | None, roles: Mapping[str, str]) -> Layout:
+        """This layout with a recipe's data.chat applied: keys replaced, role names added (or re-meant)."""
+        return Layout(turns or self.turns, role or self.role, content or self.content, {**self.roles, **roles})
+
+    def names_of(self, meaning: str) -> list[str]:
+        return [name for name, role in self.roles.items() if role == meaning]
+
+
+MESSAGES = Layout("messages", "role", "content", {role: role for role in ROLES})
+# ShareGPT as hub chat sets hold it (FineTome-100k, SlimOrca, OpenHermes, Glaive and Hermes function
+# calling): human and gpt, a system turn, and the tool-call roles (a call is the assistant's turn, its
+# result the tool's).
+SHAREGPT = Layout(
+    "conversations",
+    "from",
+    "value",
+    {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+     "function_call": "assistant", "tool": "tool", "observation": "tool"},
+)  # fmt: skip
+
+
 class ShapeOptions(Protocol):
     """What shaping reads of the recipe's data section (recipes/schema.py's DataConfig)."""
+
+    source: str
+    system_prompt: str | None
+    train_on_responses_only: bool
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """ShapeOptions for one source of several (data.sources): its own path, the recipe's options."""
 
     source: str
     system_prompt: str | None
@@ -45,20 +90,26 @@ class ShapeOptions(Protocol):
 class Format:
     name: str
     example: str  # one row, for messages
-    problem: Callable[[Row], str | None]  # what is wrong with a row (naming the field), or None
-    shape: Callable[[Row, ShapeOptions], Row]  # the row as the method's TRL trainer takes it
+    problem: Callable[[Row, Layout | None], str | None]  # what is wrong with a row (naming the field), or None
+    shape: Callable[[Row, ShapeOptions, Layout | None], Row]  # the row as the method's TRL trainer takes it
+    fields: tuple[str, ...]  # the shaped row's fields: sources of one recipe must agree on them
+    responses_fields: tuple[str, ...] | None = None  # ... under train_on_responses_only, where they differ
+    layout: Layout | None = None  # chats as a list of turns: where they are (data.chat maps another)
     chat: bool = False  # rendered with a chat template (the tokenizer's, or data.chat_template)
     images: bool = False  # chats about images: an image-text model, loaded with its processor
     responses_only: bool = False  # data.train_on_responses_only can leave the loss to the replies
     refused_modes: tuple[str, ...] = ()  # modes it cannot train in, refused before launch
     why_refused: str = ""
 
+    def shaped_fields(self, responses_only: bool) -> tuple[str, ...]:
+        return self.responses_fields if responses_only and self.responses_fields else self.fields
+
 
 # ---- what a row must hold
 
 
-def _text_fields(*fields: str) -> Callable[[Row], str | None]:
-    def problem(row: Row) -> str | None:
+def _text_fields(*fields: str) -> Callable[[Row, Layout | None], str | None]:
+    def problem(row: Row, layout: Layout | None = None) -> str | None:
         for field in fields:
             if field not in row:
                 return f"has no field {field!r}"
@@ -69,26 +120,26 @@ def _text_fields(*fields: str) -> Callable[[Row], str | None]:
     return problem
 
 
-def _instruction_problem(row: Row) -> str | None:
+def _instruction_problem(row: Row, layout: Layout | None = None) -> str | None:
     problem = _text_fields("instruction", "output")(row)
     if problem is None and not isinstance(row.get("input", ""), str | None):
         return "field 'input' is not text"
     return problem
 
 
-def _prompt_problem(row: Row) -> str | None:
+def _prompt_problem(row: Row, layout: Layout | None = None) -> str | None:
     problem = _text_fields("prompt")(row)
     if problem is None and not isinstance(row.get("answer", ""), str | int | float | None):
         return "field 'answer' is not text or a number"
     return problem
 
 
-def _content_problem(content: Any, parts_allowed: bool) -> str | None:
-    """A message's content: text, or (vision) a list of text and image parts."""
+def _content_problem(content: Any, key: str, parts_allowed: bool) -> str | None:
+    """A turn's text, or (vision) a list of text and image parts."""
     if isinstance(content, str):
         return None
     if not parts_allowed or not isinstance(content, list):
-        return "has no text field 'content'" + (" (nor a list of parts)" if parts_allowed else "")
+        return f"has no text field {key!r}" + (" (nor a list of parts)" if parts_allowed else "")
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if (kind == "text" and isinstance(part.get("text"), str)) or kind == "image":
@@ -97,20 +148,41 @@ def _content_problem(content: Any, parts_allowed: bool) -> str | None:
     return None
 
 
-def _chat_problem(row: Row, parts_allowed: bool = False) -> str | None:
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "field 'messages' is missing or not a non-empty list"
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"messages[{i}] is not an object"
-        problem = _content_problem(message.get("content"), parts_allowed)
+def _turn_problem(turn: Any, at: str, layout: Layout, parts_allowed: bool) -> str | None:
+    if not isinstance(turn, dict):
+        return f"{at} is not an object"
+    name = turn.get(layout.role)
+    if name not in layout.roles:
+        if layout.role not in turn:
+            return f"{at} has no field {layout.role!r} (its role; data.chat.role names another key)"
+        example = "{" + f"{name}: assistant" + "}"
+        return (
+            f"{at}.{layout.role} is {name!r}, not one of {', '.join(layout.roles)}; "
+            f"data.chat.roles says what another name means, e.g. {example}"
+        )
+    content = turn.get(layout.content)
+    problem = _content_problem(content, layout.content, parts_allowed)
+    if problem:
+        return f"{at} {problem}"
+    if isinstance(content, str) and not content.strip() and layout.roles[name] != "system":
+        return f"{at}.{layout.content} is empty ({layout.roles[name]} turns need text); give it text or drop the row"
+    return None
+
+
+def _chat_problem(row: Row, layout: Layout | None = None, parts_allowed: bool = False) -> str | None:
+    """A list of turns, each with a known role and its text, one of them the assistant's."""
+    layout = layout or MESSAGES
+    turns = row.get(layout.turns)
+    if not isinstance(turns, list) or not turns:
+        return f"field {layout.turns!r} is missing or not a non-empty list"
+    for i, turn in enumerate(turns):
+        problem = _turn_problem(turn, f"{layout.turns}[{i}]", layout, parts_allowed)
         if problem:
-            return f"messages[{i}] {problem}"
-        if message.get("role") not in ROLES:
-            return f"messages[{i}].role is {message.get('role')!r}, not one of {', '.join(ROLES)}"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "field 'messages' has no assistant turn to learn from"
+            return problem
+    if not any(layout.roles[turn[layout.role]] == "assistant" for turn in turns):
+        names = layout.names_of("assistant")
+        named = "" if names == ["assistant"] else f" ({', '.join(names)})"
+        return f"field {layout.turns!r} has no assistant turn{named} to learn from"
     return None
 
 
@@ -130,8 +202,8 @@ def _is_image(image: Any) -> bool:
     return hasattr(image, "getdata") and hasattr(image, "mode")  # PIL, not imported here
 
 
-def _vision_problem(row: Row) -> str | None:
-    problem = _chat_problem(row, parts_allowed=True)
+def _vision_problem(row: Row, layout: Layout | None = None) -> str | None:
+    problem = _chat_problem(row, MESSAGES, parts_allowed=True)
     if problem is not None:
         return problem
     images = images_of(row)
@@ -150,15 +222,15 @@ def _vision_problem(row: Row) -> str | None:
 # ---- shaped for the trainer
 
 
-def _text(row: Row, data: ShapeOptions) -> Row:
+def _text(row: Row, data: ShapeOptions, layout: Layout | None = None) -> Row:
     return {"text": row["text"]}
 
 
-def _preference(row: Row, data: ShapeOptions) -> Row:
+def _preference(row: Row, data: ShapeOptions, layout: Layout | None = None) -> Row:
     return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
-def _instruction(row: Row, data: ShapeOptions) -> Row:
+def _instruction(row: Row, data: ShapeOptions, layout: Layout | None = None) -> Row:
     extra = row.get("input") or ""
     user = f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
     return {
@@ -167,15 +239,17 @@ def _instruction(row: Row, data: ShapeOptions) -> Row:
     }
 
 
-def _messages(row: Row, data: ShapeOptions) -> Row:
-    messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+def _messages(row: Row, data: ShapeOptions, layout: Layout | None = None) -> Row:
+    """A chat in TRL's conversational form, whatever its layout: roles as ROLES names them."""
+    layout = layout or MESSAGES
+    messages = [{"role": layout.roles[t[layout.role]], "content": t[layout.content]} for t in row[layout.turns]]
     if not data.train_on_responses_only:
         return {"messages": messages}
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return {"prompt": messages[:last], "completion": [messages[last]]}
 
 
-def _prompt(row: Row, data: ShapeOptions) -> Row:
+def _prompt(row: Row, data: ShapeOptions, layout: Layout | None = None) -> Row:
     """A conversation to complete (after data.system_prompt), and the answer rewards may check."""
     system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
     answer = row.get("answer")
@@ -197,7 +271,7 @@ def image_root(source: Path) -> Path:
     return source if source.is_dir() else source.parent
 
 
-def _vision(row: Row, data: ShapeOptions) -> Row:
+def _vision(row: Row, data: ShapeOptions, layout: Layout | None = None) -> Row:
     """A chat with images. Without image parts the images go before the first user turn's text;
     a local dataset's image paths become absolute (relative to data.source)."""
     messages = [{"role": m["role"], "content": _parts(m["content"])} for m in row["messages"]]
@@ -220,6 +294,21 @@ FORMATS: dict[str, Format] = {
             '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
             _chat_problem,
             _messages,
+            ("messages",),
+            ("prompt", "completion"),
+            layout=MESSAGES,
+            chat=True,
+            responses_only=True,
+        ),
+        Format(
+            "sharegpt",
+            '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]} '
+            "(from: system, human, gpt, function_call, observation, tool)",
+            _chat_problem,
+            _messages,
+            ("messages",),
+            ("prompt", "completion"),
+            layout=SHAREGPT,
             chat=True,
             responses_only=True,
         ),
@@ -228,21 +317,24 @@ FORMATS: dict[str, Format] = {
             '{"instruction": "...", "input": "", "output": "..."}',
             _instruction_problem,
             _instruction,
+            ("prompt", "completion"),
             chat=True,
             responses_only=True,
         ),
-        Format("text", '{"text": "..."}', _text_fields("text"), _text),
+        Format("text", '{"text": "..."}', _text_fields("text"), _text, ("text",)),
         Format(
             "preference",
             '{"prompt": "...", "chosen": "...", "rejected": "..."}',
             _text_fields("prompt", "chosen", "rejected"),
             _preference,
+            ("prompt", "chosen", "rejected"),
         ),
         Format(
             "prompt",
             '{"prompt": "...", "answer": "..."} (answer optional: for rewards that check it)',
             _prompt_problem,
             _prompt,
+            ("prompt", "answer"),
             chat=True,
         ),
         Format(
@@ -252,6 +344,7 @@ FORMATS: dict[str, Format] = {
             'or one "image")',
             _vision_problem,
             _vision,
+            ("messages", "images"),
             images=True,
             refused_modes=("fsdp",),
             why_refused="Unsloth's FSDP2 shards text decoders, and a vision model's tower is not among them",
@@ -266,29 +359,86 @@ NO_GGUF_WITH_IMAGES = (
 )
 
 
-def row_problem(row: Any, fmt: str) -> str | None:
-    """None when the row fits the format, else what is wrong with it (naming the field)."""
+def row_problem(row: Any, fmt: str, layout: Layout | None = None) -> str | None:
+    """None when the row fits the format (a chat: in this layout, default the format's), else what is
+    wrong with it (naming the field)."""
     if not isinstance(row, dict):
         return f"is a {type(row).__name__}, not an object"
-    return FORMATS[fmt].problem(row)
+    return FORMATS[fmt].problem(row, layout or FORMATS[fmt].layout)
 
 
-def check_row(row: Any, fmt: str, where: str) -> None:
-    problem = row_problem(row, fmt)
-    if problem is not None:
-        raise BadInput(
-            f"{where} {problem}, so it does not match data.format {fmt}; "
-            f"each row must look like {FORMATS[fmt].example} (or set data.format to what the file holds)"
-        )
+def check_row(row: Any, fmt: str, where: str, layout: Layout | None = None, section: str = "data") -> None:
+    """BadInput naming the row, its problem and the fix: the recipe line its rows fit, where one does.
+    `section`: where the source is in the recipe (data, or data.sources[N])."""
+    problem = row_problem(row, fmt, layout)
+    if problem is None:
+        return
+    line = looks_like(row, fmt, section)
+    fix = (
+        f"these rows fit {line} (set that in the recipe)"
+        if line
+        else f"each row must look like {FORMATS[fmt].example} (or set {section}.format to what the file holds)"
+    )
+    raise BadInput(f"{where} {problem}, so it does not match {section}.format {fmt}; {fix}")
 
 
-def shape_row(row: Row, fmt: str, data: ShapeOptions) -> Row:
-    return FORMATS[fmt].shape(row, data)
+def shape_row(row: Row, fmt: str, data: ShapeOptions, layout: Layout | None = None) -> Row:
+    return FORMATS[fmt].shape(row, data, layout or FORMATS[fmt].layout)
 
 
-def refuse_quantized_images_on_cpu(fmt: str, load_in: str, gpu: bool) -> None:
-    """On the CPU an image-text model loads through transformers, in 16 bits (trainer/models.py)."""
-    if FORMATS[fmt].images and not gpu and load_in != "16bit":
+# ---- what rows look like: the recipe line that fits rows of another format, or chats in another layout
+
+ROLE_KEYS = ("role", "from", "speaker", "author", "sender", "type")  # what a turn's role key is often called
+
+
+def looks_like(row: Any, refused: str, section: str = "data") -> str | None:
+    """The recipe line for a row that data.format `refused` does not take: another format that takes it
+    as it is, or a data.chat mapping for chats in a layout of their own; None when nothing fits."""
+    if not isinstance(row, dict):
+        return None
+    for name, other in FORMATS.items():
+        if name != refused and other.problem(row, other.layout) is None:
+            return f"{section}.format: {name}"
+    guess = guess_layout(row)
+    base = FORMATS[refused].layout or MESSAGES
+    if guess is None:
+        return None
+    keys = {"turns": base.turns, "role": base.role, "content": base.content}
+    parts = [f"{key}: {value}" for key, value in zip(keys, guess[:3], strict=True) if value != keys[key]]
+    roles = {name: meaning for name, meaning in guess[3].items() if base.roles.get(name) != meaning}
+    if roles:
+        parts.append("roles: {" + ", ".join(f"{name}: {meaning}" for name, meaning in roles.items()) + "}")
+    if not parts:
+        return None  # its layout is the format's own: the row's problem is elsewhere
+    chat = f"{section}.chat: {{" + ", ".join(parts) + "}"
+    return chat if FORMATS[refused].layout is not None else f"{section}.format: messages with {chat}"
+
+
+def guess_layout(row: Row) -> tuple[str, str, str, dict[str, str]] | None:
+    """(turns, role, content, roles) of a row holding a list of turns with a short role name and a text,
+    the role names guessed: known names as ShareGPT means them, others user then assistant by turn."""
+    for turns, value in row.items():
+        if not isinstance(value, list) or not value or not all(isinstance(t, dict) for t in value):
+            continue
+        keys = [k for k in value[0] if all(isinstance(t.get(k), str) for t in value)]
+        if len(keys) < 2:
+            continue
+        named = [k for k in keys if k.lower() in ROLE_KEYS]
+        role = named[0] if named else min(keys, key=lambda k: len({t[k] for t in value}))
+        content = max((k for k in keys if k != role), key=lambda k: sum(len(t[k]) for t in value))
+        known = {**SHAREGPT.roles, **MESSAGES.roles}
+        roles: dict[str, str] = {}
+        for name in dict.fromkeys(t[role] for t in value):
+            taken = set(roles.values())
+            roles[name] = known.get(name.lower()) or ("user" if "user" not in taken else "assistant")
+        return turns, role, content, roles
+    return None
+
+
+def refuse_quantized_images_on_cpu(images: bool, load_in: str, gpu: bool) -> None:
+    """On the CPU an image-text model (rows with images) loads through transformers, in 16 bits
+    (trainer/models.py)."""
+    if images and not gpu and load_in != "16bit":
         raise BadInput(
             f"model.load_in {load_in}: a vision model on the CPU loads in 16 bits; "
             f"set model.load_in=16bit, or train on a GPU"
@@ -341,9 +491,11 @@ def rows(path: Path, limit: int | None = None) -> Iterator[tuple[int, Any]]:
     elif suffix == ".parquet":
         import pyarrow.parquet as pq  # installed with datasets; only parquet needs it
 
-        table = pq.read_table(path)
-        table = table if limit is None else table.slice(0, limit)
-        yield from enumerate(table.to_pylist(), start=1)
+        if limit is None:
+            yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+            return
+        first = next(pq.ParquetFile(path).iter_batches(batch_size=max(limit, 1)), None)  # no more than it yields
+        yield from enumerate(first.to_pylist()[:limit] if first is not None else [], start=1)
 
 
 def data_files(path: Path) -> list[Path]:
@@ -378,20 +530,34 @@ def check_images(row: dict[str, Any], root: Path, where: str) -> None:
         raise BadInput(f"{where} {problem}; put the image there or fix the path (relative to data.source)")
 
 
-def check_local_row(row: Any, fmt: str, source: Path, where: str) -> None:
+def check_local_row(
+    row: Any, fmt: str, source: Path, where: str, layout: Layout | None = None, section: str = "data"
+) -> None:
     """One row of a local file: its fields, and (images) that its image files are there."""
-    check_row(row, fmt, where)
+    check_row(row, fmt, where, layout, section)
     if FORMATS[fmt].images:
         check_images(row, image_root(source), where)
 
 
-def check_local_file(path: Path, fmt: str, field: str = "data.source", columns: dict[str, str] | None = None) -> int:
-    """Check the first rows of a local file or folder; return how many rows were checked."""
-    checked = 0
+def check_local_file(
+    path: Path,
+    fmt: str,
+    field: str = "data.source",
+    columns: dict[str, str] | None = None,
+    layout: Layout | None = None,
+    section: str = "data",
+) -> list[Row]:
+    """Check the first rows of each file of a local source (ROWS_CHECKED_BY_LAUNCHER a file); return
+    them as checked (columns renamed), up to that many in all: the rows the launcher reports on."""
+    checked: list[Row] = []
+    count = 0
     for file in data_files(path):
         for number, row in rows(file, ROWS_CHECKED_BY_LAUNCHER):
-            check_local_row(renamed(row, columns or {}), fmt, path, f"{field} {file} row {number}")
-            checked += 1
-    if checked == 0:
+            row = renamed(row, columns or {})
+            check_local_row(row, fmt, path, f"{field} {file} row {number}", layout, section)
+            count += 1
+            if len(checked) < ROWS_CHECKED_BY_LAUNCHER:
+                checked.append(row)
+    if count == 0:
         raise BadInput(f"{field} {str(path)!r} holds no rows; add training examples")
     return checked

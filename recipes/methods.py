@@ -113,8 +113,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method(
             "sft",
-            "supervised fine-tuning on chats, instructions or text, or on chats with images",
-            ("messages", "instruction", "text", "vision"),
+            "supervised fine-tuning on chats (messages, ShareGPT), instructions or text, or on chats with images",
+            ("messages", "sharegpt", "instruction", "text", "vision"),
         ),
         Method("cpt", "continued pretraining on plain text", ("text",)),
         Method("dpo", "direct preference optimisation on chosen/rejected pairs", ("preference",), DpoOptions),

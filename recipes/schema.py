@@ -11,8 +11,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from recipes.errors import BadInput
 from recipes.exports import GGUF_QUANTS, KINDS
-from recipes.formats import FORMATS, NO_GGUF_WITH_IMAGES, Format
+from recipes.formats import FORMATS, NO_GGUF_WITH_IMAGES, ROLES, Format, Layout
 from recipes.methods import METHODS, DpoOptions, GrpoOptions
 
 # Unsloth's usual LoRA targets for dense decoders (Llama, Qwen, Gemma, Mistral).
@@ -120,9 +121,25 @@ class LoraConfig(Strict):
 
 
 DataFormat = Literal[tuple(FORMATS)]  # type: ignore[valid-type]  (the one table, in recipes/formats.py)
+Role = Literal[ROLES]  # type: ignore[valid-type]
+Name = Annotated[str, Field(min_length=1)]
 
 
-class DataConfig(Strict):
+class ChatMapping(Strict):
+    """data.chat: where chat rows keep their turns, when not where the format says (messages: messages,
+    role, content; sharegpt: conversations, from, value). Role names are added to the format's own."""
+
+    turns: Name | None = Field(default=None, description="the key that holds the list of turns")
+    role: Name | None = Field(default=None, description="the key of a turn's role name")
+    content: Name | None = Field(default=None, description="the key of a turn's text")
+    roles: dict[str, Role] = Field(
+        default_factory=dict, description="what each role name means: system, user, assistant or tool"
+    )
+
+
+class DataSource(Strict):
+    """One dataset: where its rows are, what they hold, and (one of several) its share of the mix."""
+
     source: str = Field(
         min_length=1,
         description="local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset id",
@@ -130,6 +147,65 @@ class DataConfig(Strict):
     subset: str | None = Field(default=None, description="the hub dataset's configuration, e.g. main for openai/gsm8k")
     split: str = "train"
     format: DataFormat = "messages"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="rename the source's columns to the format's fields, e.g. {question: prompt}"
+    )
+    chat: ChatMapping | None = Field(default=None, description="chats in a layout of their own (see ChatMapping)")
+    max_samples: PositiveInt | None = Field(default=None, description="read at most this many rows, the first ones")
+    eval_split: str | None = Field(
+        default=None,
+        description="evaluate on this split of the hub dataset, or on this local file or folder (same format)",
+    )
+    rows: PositiveInt | None = Field(default=None, description="data.sources: take this many rows (a seeded sample)")
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="data.sources: this share of the mix (every source gives one; they add up to 1)"
+    )
+
+    @model_validator(mode="after")
+    def _mapping_for_chats(self) -> DataSource:
+        mapping_problem(self.format, self.chat, "")
+        if self.rows is not None and self.fraction is not None:
+            raise ValueError(
+                f"rows ({self.rows}) and fraction ({self.fraction}) both choose this source's share; keep one"
+            )
+        return self
+
+    @property
+    def layout(self) -> Layout | None:
+        """Where its chats keep their turns: the format's layout, with data.chat applied."""
+        base, chat = FORMATS[self.format].layout, self.chat
+        if base is None or chat is None:
+            return base
+        return base.mapped(chat.turns, chat.role, chat.content, chat.roles)
+
+
+def mapping_problem(fmt: str, chat: ChatMapping | None, prefix: str) -> None:
+    """A chat mapping is for formats whose rows are lists of turns."""
+    if chat is not None and FORMATS[fmt].layout is None:
+        takers = [name for name, f in FORMATS.items() if f.layout is not None]
+        raise ValueError(
+            f"{prefix}chat maps the turns of chat rows (format {' or '.join(takers)}), and the format is {fmt}; "
+            f"remove {prefix}chat, or set {prefix}format to {takers[0]}"
+        )
+
+
+# The keys of one source that the single-source form holds in data itself.
+SOURCE_KEYS = ("source", "subset", "split", "format", "columns", "chat", "max_samples", "eval_split")
+
+
+class DataConfig(Strict):
+    source: str | None = Field(
+        default=None,
+        min_length=1,
+        description="local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset id (or: sources)",
+    )
+    sources: list[DataSource] | None = Field(
+        default=None, min_length=1, description="several datasets mixed into one (each with its share)"
+    )
+    subset: str | None = Field(default=None, description="the hub dataset's configuration, e.g. main for openai/gsm8k")
+    split: str = "train"
+    format: DataFormat = "messages"
+    chat: ChatMapping | None = Field(default=None, description="chats in a layout of their own (see ChatMapping)")
     chat_template: str | None = Field(
         default=None, description="an Unsloth chat template name; default: the tokenizer's own"
     )
@@ -150,17 +226,79 @@ class DataConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _one_eval_source(self) -> DataConfig:
-        if self.eval_fraction is not None and self.eval_split is not None:
+    def _one_form(self) -> DataConfig:
+        if (self.source is None) == (self.sources is None):
             raise ValueError(
-                f"data.eval_fraction ({self.eval_fraction}) and data.eval_split ({self.eval_split!r}) both choose "
-                f"the evaluation rows; keep one of them"
+                "data needs source (one dataset) or sources (a list of several, each with its source), "
+                + ("not both" if self.source is not None else "and has neither")
+            )
+        if self.sources is not None:
+            defaults = DataSource(source="x")
+            given = [k for k in SOURCE_KEYS if k != "source" and getattr(self, k) != getattr(defaults, k)]
+            if given:
+                raise ValueError(
+                    f"data.{given[0]} is a key of one source; with data.sources give it to each source that "
+                    f"needs it (data.sources[N].{given[0]})"
+                )
+            self._shares_add_up(self.sources)
+        else:
+            mapping_problem(self.format, self.chat, "data.")
+        evaluated = [s for s in self.datasets if s.eval_split is not None]
+        if self.eval_fraction is not None and evaluated:
+            raise ValueError(
+                f"data.eval_fraction ({self.eval_fraction}) and an eval_split ({evaluated[0].eval_split!r}) both "
+                f"choose the evaluation rows; keep one of them"
             )
         return self
 
+    @staticmethod
+    def _shares_add_up(sources: list[DataSource]) -> None:
+        fractions = [s.fraction for s in sources if s.fraction is not None]
+        if not fractions:
+            return
+        if len(fractions) < len(sources):
+            other = next(i for i, s in enumerate(sources) if s.fraction is None)
+            raise ValueError(
+                f"data.sources[{other}] has no fraction while others do: fractions are shares of the mix, so give "
+                f"every source one (adding up to 1), or give none and choose rows per source"
+            )
+        if abs(sum(fractions) - 1) > 1e-6:
+            listed = " + ".join(f"{f:g}" for f in fractions)
+            raise ValueError(
+                f"the fractions of data.sources add up to {sum(fractions):g} ({listed}), not 1; "
+                f"make them shares of the mix that add up to 1"
+            )
+
+    @property
+    def datasets(self) -> list[DataSource]:
+        """Every source as one DataSource: data.sources, or the single-source form's keys."""
+        if self.sources is not None:
+            return list(self.sources)
+        return [DataSource(**{k: getattr(self, k) for k in SOURCE_KEYS})]
+
+    def shares(self, sizes: list[int]) -> list[int]:
+        """How many rows each source gives the mix, from how many it has: its rows (refused when it has
+        fewer), or its fraction of the largest mix the sources fill without repeating a row, or all."""
+        sources = self.datasets
+        if all(s.fraction is not None for s in sources):
+            fractions = [float(s.fraction or 0) for s in sources]
+            total = min(size / fraction for size, fraction in zip(sizes, fractions, strict=True))
+            return [min(size, round(total * f)) for size, f in zip(sizes, fractions, strict=True)]
+        for index, (source, size) in enumerate(zip(sources, sizes, strict=True)):
+            if source.rows is not None and source.rows > size:
+                raise BadInput(
+                    f"{self.section(index)}.rows is {source.rows}, but {source.source} holds {size} rows; "
+                    f"take at most {size}, or drop rows to take every row"
+                )
+        return [size if s.rows is None else s.rows for s, size in zip(sources, sizes, strict=True)]
+
+    def section(self, index: int) -> str:
+        """Where source `index` sits in the recipe, for messages: data, or data.sources[N]."""
+        return "data" if self.sources is None else f"data.sources[{index}]"
+
     @property
     def evaluates(self) -> bool:
-        return self.eval_fraction is not None or self.eval_split is not None
+        return self.eval_fraction is not None or any(s.eval_split is not None for s in self.datasets)
 
 
 VISION_PARTS = (
@@ -297,13 +435,8 @@ class Recipe(Strict):
                 "output.save merged_16bit / gguf export a LoRA run; full fine-tuning already saves "
                 "the whole model in model/, so set output.save=[adapter]"
             )
-        method, fmt = METHODS[self.training.method], self.data.format
-        if fmt not in method.formats:
-            takers = [m.name for m in METHODS.values() if fmt in m.formats]
-            raise ValueError(
-                f"training.method {method.name} needs data.format {' or '.join(method.formats)}, not {fmt}"
-                + (f"; data.format {fmt} is for training.method {' or '.join(takers)}" if takers else "")
-            )
+        self._vision_consistent()
+        self._data_consistent()
         grpo = self.training.grpo
         if grpo is not None:
             per_step = self.training.per_device_batch_size * self.training.gradient_accumulation_steps
@@ -329,29 +462,57 @@ class Recipe(Strict):
                 f"training.eval_steps={self.training.eval_steps} but there is nothing to evaluate on; set "
                 f"data.eval_fraction (e.g. 0.1) or data.eval_split, or training.eval_steps=0"
             )
-        self._vision_consistent()
-        if self.data.train_on_responses_only and not self.format.responses_only:
-            takers = " or ".join(name for name, f in FORMATS.items() if f.responses_only)
-            raise ValueError(
-                f"data.train_on_responses_only needs conversations (format {takers}), not {self.data.format}"
-            )
         return self
 
+    def _data_consistent(self) -> None:
+        """Each source's format is one the method trains on, and the sources shape to one kind of row."""
+        data, method = self.data, METHODS[self.training.method]
+        shaped: dict[tuple[str, ...], str] = {}
+        for index, source in enumerate(data.datasets):
+            fmt, key = source.format, f"{data.section(index)}.format"
+            if fmt not in method.formats:
+                takers = [m.name for m in METHODS.values() if fmt in m.formats]
+                raise ValueError(
+                    f"training.method {method.name} needs {key} {' or '.join(method.formats)}, not {fmt}"
+                    + (f"; data.format {fmt} is for training.method {' or '.join(takers)}" if takers else "")
+                )
+            if data.train_on_responses_only and not FORMATS[fmt].responses_only:
+                takers = " or ".join(name for name, f in FORMATS.items() if f.responses_only)
+                raise ValueError(f"data.train_on_responses_only needs conversations (format {takers}), not {fmt}")
+            shaped.setdefault(FORMATS[fmt].shaped_fields(data.train_on_responses_only), f"{key} {fmt}")
+        if len(shaped) > 1:
+            (fields, one), (other_fields, other) = list(shaped.items())[:2]
+            responses = {f.shaped_fields(True) for f in self.formats} == {("prompt", "completion")}
+            raise ValueError(
+                f"{one} shapes to rows of {'/'.join(fields)} and {other} to rows of {'/'.join(other_fields)}, which "
+                f"one trainer cannot take together; "
+                + (
+                    "set data.train_on_responses_only=true (both then shape to prompt/completion)"
+                    if responses
+                    else "mix sources of formats that shape alike, or train on them in turn"
+                )
+            )
+
     @property
-    def format(self) -> Format:
-        """data.format's entry in the format table."""
-        return FORMATS[self.data.format]
+    def formats(self) -> tuple[Format, ...]:
+        """The format table's entries of the recipe's sources, each once, in their order."""
+        return tuple(FORMATS[name] for name in dict.fromkeys(s.format for s in self.data.datasets))
+
+    @property
+    def chats(self) -> bool:
+        """Rows rendered with a chat template (any source's)."""
+        return any(f.chat for f in self.formats)
 
     @property
     def vision(self) -> bool:
         """It trains an image-text model on chats about images (loaded with its processor)."""
-        return self.format.images
+        return any(f.images for f in self.formats)
 
     def refused_in(self, mode: str) -> tuple[str, str] | None:
         """(what refuses it, why) when its data format or its method cannot train in `mode`."""
         method = METHODS[self.training.method]
         for what, refused, why in (
-            (f"data.format {self.format.name}", self.format.refused_modes, self.format.why_refused),
+            *((f"data.format {fmt.name}", fmt.refused_modes, fmt.why_refused) for fmt in self.formats),
             (f"training.method {method.name}", method.refused_modes, method.why_refused),
         ):
             if mode in refused:
@@ -360,11 +521,11 @@ class Recipe(Strict):
 
     def _vision_consistent(self) -> None:
         """Images need a vision-language model; the vision parts of lora mean nothing without images."""
-        vision = self.vision
+        vision, fmt = self.vision, self.formats[0].name
         spec = self.model.random_init
         if spec is not None and vision != (spec.architecture in VISION_ARCHITECTURES):
             raise ValueError(
-                f"data.format {self.data.format} with model.random_init.architecture {spec.architecture}: "
+                f"data.format {fmt} with model.random_init.architecture {spec.architecture}: "
                 + (
                     f"images need a vision-language model; set model.random_init.architecture={VISION_ARCHITECTURES[0]}"
                     if vision
@@ -395,7 +556,7 @@ class Recipe(Strict):
         if changed and not vision:
             raise ValueError(
                 f"lora.{changed[0]}=false chooses the parts of a vision-language model, and data.format is "
-                f"{self.data.format}; remove it, or train on images with data.format=vision"
+                f"{fmt}; remove it, or train on images with data.format=vision"
             )
         if vision and not (lora.finetune_vision_layers or lora.finetune_language_layers):
             raise ValueError(

@@ -191,7 +191,8 @@ def test_every_bundled_recipe_validates_and_gives_its_launch_line(name):
     header = loaded.path.read_text().split("\n\n")[0]
     assert header.startswith("# ") and "docker run" in header and name in header
     if loaded.recipe.model.random_init is None:
-        assert "/" in loaded.recipe.model.name and "/" in loaded.recipe.data.source  # hub ids, not fetched
+        sources = [s.source for s in loaded.recipe.data.datasets]
+        assert "/" in loaded.recipe.model.name and all("/" in s for s in sources)  # hub ids, not fetched
 
 
 def test_the_collection_covers_the_methods_and_a_model_parallel_recipe():

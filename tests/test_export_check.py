@@ -20,24 +20,33 @@ def smoke_data(**changes):
     return SMOKE.data.model_copy(update={"source": source, **changes})
 
 
-def test_the_check_scores_the_evaluation_rows_the_run_held_out_of_training():
+@pytest.fixture
+def prepared(tmp_path, monkeypatch):
+    """The prepared-data cache in a folder of the test's own."""
+    from trainer import prepare
+
+    monkeypatch.setattr(prepare, "cache_root", lambda: tmp_path)
+    return prepare
+
+
+def test_the_check_scores_the_evaluation_rows_the_run_held_out_of_training(prepared):
     from trainer import data
 
-    config = smoke_data()
-    _, held_out_of_training = data.build(config, SMOKE.training.seed)
-    rows, origin = data.held_out(config, SMOKE.training.seed, 24)
+    recipe = SMOKE.model_copy(update={"data": smoke_data()})
+    _, held_out_of_training = data.build(recipe.data, SMOKE.training.seed)
+    rows, origin = prepared.held_out(recipe, 24)
     assert rows == list(held_out_of_training) and len(rows) == 9
-    assert origin == "the run's evaluation rows (data.eval_fraction 0.1)"
+    assert origin == "the run's evaluation rows"
 
 
-def test_without_evaluation_rows_the_check_scores_a_seeded_sample_of_the_training_rows_and_says_so():
+def test_without_evaluation_rows_the_check_scores_a_seeded_sample_of_the_training_rows_and_says_so(prepared):
     from trainer import data
 
-    config = smoke_data(eval_fraction=None)
-    training, _ = data.build(config, SMOKE.training.seed)
-    rows, origin = data.held_out(config, SMOKE.training.seed, 24)
+    recipe = SMOKE.model_copy(update={"data": smoke_data(eval_fraction=None)})
+    training, _ = data.build(recipe.data, SMOKE.training.seed)
+    rows, origin = prepared.held_out(recipe, 24)
     assert len(rows) == 24 and all(row in list(training) for row in rows)
-    assert rows == data.held_out(config, SMOKE.training.seed, 24)[0], "the same sample every time"
+    assert rows == prepared.held_out(recipe, 24)[0], "the same sample every time"
     seed = SMOKE.training.seed
     assert origin == f"a seeded sample of the training rows (seed {seed}): the run has no evaluation rows"
 

@@ -89,6 +89,15 @@ def test_a_chat_with_image_parts_keeps_them_where_they_are():
     assert shaped["images"] == [str(DATA / "images" / "red.png")]  # a folder source: relative to it
 
 
+def checked_and_shaped(hub, name: str):
+    """The data phase on a hub dataset's rows, decoded as the trainer reads them."""
+    from recipes.schema import DataSource
+    from trainer import data
+
+    source = DataSource(source=name, format="vision")
+    return data.with_images(data.checked_and_shaped(hub, source, vision_data(name), "data.source", name, "data"))
+
+
 def test_a_hub_vision_dataset_is_checked_and_shaped_without_decoding_its_images():
     """As HuggingFaceH4/llava-instruct-mix-vsft comes: parts with an index and None texts, a list of
     datasets Images."""
@@ -105,7 +114,7 @@ def test_a_hub_vision_dataset_is_checked_and_shaped_without_decoding_its_images(
     }  # fmt: skip
     hub = datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
     assert isinstance(data.undecoded(hub)[0]["images"][0], dict), "checked and shaped as bytes"
-    shaped = data._checked_and_shaped(hub, vision_data("org/a-hub-dataset"), "data.source", "org/a-hub-dataset")
+    shaped = checked_and_shaped(hub, "org/a-hub-dataset")
     first = shaped[0]
     assert first["images"][0].size == (24, 24), "decoded again for the collator"
     assert [p["type"] for p in first["messages"][0]["content"]] == ["image", "text"]
@@ -116,14 +125,12 @@ def test_a_hub_dataset_with_one_image_column_trains_as_one_image_per_chat():
     import datasets
     from PIL import Image
 
-    from trainer import data
-
     rows = {
         "messages": [[{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Red."}]] * 2,
         "image": [Image.open(DATA / "images" / "red.png")] * 2,
     }
     hub = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
-    shaped = data._checked_and_shaped(hub, vision_data("org/one-image"), "data.source", "org/one-image")
+    shaped = checked_and_shaped(hub, "org/one-image")
     assert [image.size for image in shaped[0]["images"]] == [(24, 24)]
     assert [p["type"] for p in shaped[0]["messages"][0]["content"]] == ["image", "text"]
 

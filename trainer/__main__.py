@@ -75,7 +75,10 @@ def check_mode(mode: Mode, world_size: int) -> None:
 
 def prepare(argv: list[str] | None) -> Job:
     args = parse_args(argv)
-    recipe = catalog.load(args.recipe, args.overrides).recipe
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Local rank 0 checks the rows (here their first ones, then every one in the data phase); the other
+    # ranks of its machine read what it prepares (trainer/prepare.py).
+    recipe = catalog.load(args.recipe, args.overrides, rows=local_rank == 0).recipe
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_mode(args.mode, world_size)
     modes.refuse_fsdp_switch(args.mode, os.environ.get(FSDP_SWITCH))
@@ -83,7 +86,6 @@ def prepare(argv: list[str] | None) -> Job:
     run = Run(folder_of(recipe, os.environ.get("OUTPUTS_DIR"), os.getcwd()).resolve(), recipe)
     run.folder.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.tensorboard))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return Job(run, args.mode, args.mixed_precision, world_size, local_rank, run.resume_point())
 
 

@@ -1,6 +1,7 @@
-"""The data phase: load a recipe's rows (a local file or folder, or a split of a hub dataset), check
-every row and shape it for the method's TRL trainer, by its format's entry in recipes/formats.py,
-and hold out the evaluation rows. A bad row is named before any model loads.
+"""The data phase's rows: each source's rows loaded (a local file or folder, or a split of a hub
+dataset), every row checked and shaped for the method's TRL trainer by its format's entry in
+recipes/formats.py, the sources mixed by their shares, and the evaluation rows held out. A bad row is
+named before any model loads. trainer/prepare.py runs this once per machine and keeps the result.
 """
 
 from __future__ import annotations
@@ -11,57 +12,61 @@ from pathlib import Path
 import datasets
 
 from recipes import formats
-from recipes.schema import DataConfig
+from recipes.schema import DataConfig, DataSource
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # datasets' builder per file
 
 
-def load_rows(
-    source: str,
-    split: str,
-    max_samples: int | None = None,
-    columns: dict[str, str] | None = None,
-    subset: str | None = None,
-    fmt: str | None = None,
-):
-    """-> a datasets.Dataset of the raw rows (a local file or folder, or a split of a hub dataset);
-    a local dataset of images' rows as a list."""
-    if Path(source).exists() and fmt is not None and formats.FORMATS[fmt].images:
+def load_rows(source: DataSource, path: str | None = None, split: str | None = None):
+    """-> a datasets.Dataset of a source's raw rows (columns renamed): its training rows, or with
+    `path` / `split` its evaluation rows (a local file or folder, or a split of the hub dataset).
+    A local dataset of images' rows comes as a list."""
+    where, max_samples = (path, None) if path or split else (source.source, source.max_samples)
+    where = where or source.source
+    if Path(where).exists() and formats.FORMATS[source.format].images:
         # Read here, not by datasets: a chat's contents may mix text and lists of parts, which
         # Arrow cannot hold in one column; the shaped rows are uniform (formats._parts).
-        every = (row for f in formats.data_files(Path(source)) for _, row in formats.rows(f))
-        return [formats.renamed(row, columns or {}) for row in itertools.islice(every, max_samples)]
-    if Path(source).exists():
-        files = [str(p) for p in formats.data_files(Path(source))]
+        every = (row for f in formats.data_files(Path(where)) for _, row in formats.rows(f))
+        return [formats.renamed(row, source.columns) for row in itertools.islice(every, max_samples)]
+    if Path(where).exists():
+        files = [str(p) for p in formats.data_files(Path(where))]
         dataset = datasets.load_dataset(LOADERS[Path(files[0]).suffix.lower()], data_files=files, split="train")
     else:
-        dataset = datasets.load_dataset(source, subset, split=split)
+        dataset = datasets.load_dataset(where, source.subset, split=split or source.split)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
-    if columns:
-        dataset = dataset.rename_columns({k: v for k, v in columns.items() if k in dataset.column_names})
+    if source.columns:
+        dataset = dataset.rename_columns({k: v for k, v in source.columns.items() if k in dataset.column_names})
     return dataset
 
 
-def _checked_and_shaped(raw, data: DataConfig, field: str, where: str):
-    images = formats.FORMATS[data.format].images
-    local = Path(where).exists()
+def checked_and_shaped(raw, source: DataSource, options: formats.ShapeOptions, field: str, where: str, section: str):
+    """Every row checked (as the launcher checks a local file's first rows: the same messages) and
+    shaped. Images stay paths or undecoded bytes here; with_images decodes them when they are read."""
+    fmt, layout = source.format, source.layout
+    images, local = formats.FORMATS[fmt].images, Path(where).exists()
     if images and not local:
         raw = undecoded(raw)
     for number, row in enumerate(raw, start=1):
         if local:
-            formats.check_local_row(row, data.format, Path(where), f"{field} {where} row {number}")
+            formats.check_local_row(row, fmt, Path(where), f"{field} {where} row {number}", layout, section)
         else:
-            formats.check_row(row, data.format, f"{field} {where} row {number}")
-    if not images:
-        return raw.map(lambda row: formats.shape_row(row, data.format, data), remove_columns=raw.column_names)
-    if local:
-        data = data.model_copy(update={"source": where})  # image paths are relative to this file or folder
-        shaped = datasets.Dataset.from_list([formats.shape_row(row, data.format, data) for row in raw])
-    else:
-        shaped = raw.map(lambda row: formats.shape_row(row, data.format, data), remove_columns=raw.column_names)
-    # Paths (local data) or images (a hub dataset's) alike: decoded to PIL images when read.
-    return shaped.cast_column("images", datasets.Sequence(datasets.Image()))
+            formats.check_row(row, fmt, f"{field} {where} row {number}", layout, section)
+
+    def shape(row):
+        return formats.shape_row(row, fmt, options, layout)
+
+    if images and local:
+        return datasets.Dataset.from_list([shape(row) for row in raw])
+    # In memory: the prepared dataset is written once, by prepare.py, not also into datasets' cache.
+    return raw.map(shape, remove_columns=raw.column_names, keep_in_memory=True)
+
+
+def with_images(dataset):
+    """Paths (local data) or images (a hub dataset's) alike: decoded to PIL images when read."""
+    if dataset is None or "images" not in dataset.column_names:
+        return dataset
+    return dataset.cast_column("images", datasets.Sequence(datasets.Image()))
 
 
 def undecoded(raw):
@@ -76,46 +81,46 @@ def undecoded(raw):
     return raw
 
 
+def shaped_source(data: DataConfig, index: int):
+    """-> (training rows, its own evaluation rows or None) of one source, checked and shaped."""
+    source, section = data.datasets[index], data.section(index)
+    options = formats.Shaping(source.source, data.system_prompt, data.train_on_responses_only)
+    train = checked_and_shaped(load_rows(source), source, options, f"{section}.source", source.source, section)
+    if source.eval_split is None:
+        return train, None
+    local = Path(source.eval_split).exists()
+    held_out = load_rows(source, path=source.eval_split if local else None, split=None if local else source.eval_split)
+    if local:  # image paths are relative to this file or folder
+        options = formats.Shaping(source.eval_split, data.system_prompt, data.train_on_responses_only)
+    return train, checked_and_shaped(held_out, source, options, f"{section}.eval_split", source.eval_split, section)
+
+
+def mixed(parts: list, data: DataConfig, seed: int):
+    """The sources' rows in one dataset, each source's share taken as data.shares says (a seeded
+    sample where it takes fewer rows than the source has), in a seeded order. One source that
+    takes every row stays as it is."""
+    if len(parts) == 1 and data.datasets[0].rows is None:
+        return parts[0]
+    counts = data.shares([len(part) for part in parts])
+    features = parts[0].features
+    taken = [
+        (part if count == len(part) else part.shuffle(seed=seed).select(range(count))).cast(features)
+        for part, count in zip(parts, counts, strict=True)
+    ]
+    return datasets.concatenate_datasets(taken).shuffle(seed=seed).flatten_indices(keep_in_memory=True)
+
+
 def build(data: DataConfig, seed: int):
     """-> (training rows, evaluation rows or None), every row checked and shaped for the trainer.
-    The evaluation rows are data.eval_split, or a seeded data.eval_fraction of the training rows,
-    which are then left out of training."""
-    raw = load_rows(data.source, data.split, data.max_samples, data.columns, data.subset, data.format)
-    train = _checked_and_shaped(raw, data, "data.source", data.source)
+    The evaluation rows are the sources' eval_split rows, or a seeded data.eval_fraction of the
+    mixed training rows, which are then left out of training."""
+    shaped = [shaped_source(data, index) for index in range(len(data.datasets))]
+    train = mixed([train for train, _ in shaped], data, seed)
     if data.eval_fraction is not None:
         halves = train.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
         return halves["train"], halves["test"]
-    if data.eval_split is not None:
-        local = Path(data.eval_split).exists()
-        held_out = load_rows(
-            data.eval_split if local else data.source,
-            data.eval_split,
-            columns=data.columns,
-            subset=data.subset,
-            fmt=data.format,
-        )
-        return train, _checked_and_shaped(held_out, data, "data.eval_split", data.eval_split)
-    return train, None
-
-
-def held_out(data: DataConfig, seed: int, count: int) -> tuple[list, str]:
-    """Up to `count` shaped rows the run did not train on, and where they come from: its evaluation
-    rows (build()'s, in the same order: a seeded split depends only on the number of rows, so it is
-    taken on the raw rows and only those kept are shaped), else a seeded sample of its training rows."""
-    if data.eval_split is not None:
-        local = Path(data.eval_split).exists()
-        source = data.eval_split if local else data.source
-        raw = load_rows(source, data.eval_split, columns=data.columns, subset=data.subset, fmt=data.format)
-        field, where = "data.eval_split", data.eval_split
-        origin = f"the run's evaluation rows (data.eval_split {data.eval_split})"
-    else:
-        raw = load_rows(data.source, data.split, data.max_samples, data.columns, data.subset, data.format)
-        field, where = "data.source", data.source
-        if data.eval_fraction is not None:
-            raw = raw.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)["test"]
-            origin = f"the run's evaluation rows (data.eval_fraction {data.eval_fraction})"
-        else:
-            raw = raw.shuffle(seed=seed)
-            origin = f"a seeded sample of the training rows (seed {seed}): the run has no evaluation rows"
-    raw = raw.select(range(min(count, len(raw))))
-    return list(_checked_and_shaped(raw, data, field, where)), origin
+    held_out = [rows for _, rows in shaped if rows is not None]
+    if not held_out:
+        return train, None
+    features = held_out[0].features
+    return train, datasets.concatenate_datasets([rows.cast(features) for rows in held_out])

@@ -45,7 +45,7 @@ from peft import PeftModel
 
 from recipes import exports
 from recipes.runs import Run
-from trainer import data
+from trainer import prepare
 
 ROWS = 24  # held-out rows scored (fewer when the run has fewer)
 PROMPTS = 4  # of them, whose first user turn the export answers
@@ -101,7 +101,7 @@ def prompt_of(row: dict[str, Any]) -> tuple[Any, bool]:
 
 def material(run: Run, tokenizer) -> Material:
     recipe = run.recipe
-    rows, origin = data.held_out(recipe.data, recipe.training.seed, ROWS)
+    rows, origin = prepare.held_out(recipe, ROWS)
     text = "\n".join(render(row, tokenizer) for row in rows)
     ids = tokens_of(tokenizer, text)
     n_ctx = min(recipe.model.max_seq_length, MAX_CONTEXT)

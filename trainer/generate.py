@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     model, tokenizer = load(run)
-    fmt = run.recipe.format
-    chat = (fmt.chat or fmt.images) and bool(getattr(tokenizer, "chat_template", None))
+    chat = (run.recipe.chats or run.vision) and bool(getattr(tokenizer, "chat_template", None))
     history: list[dict] = []
     prompts = [args.prompt] if args.prompt is not None else iter(lambda: input("you: ").strip(), "")
     try:

@@ -100,11 +100,14 @@ def supervised_options(recipe: Recipe) -> dict[str, Any]:
             dataset_text_field="",
             dataset_kwargs={"skip_prepare_dataset": True},
         )
+    # The rows come tokenized, cut and packed (trainer/prepare.py, as TRL's own preparation would
+    # make them): TRL prepares nothing, on no rank. packing still tells its collator the rows are packed.
     return dict(
         max_length=recipe.model.max_seq_length,
         packing=recipe.training.packing,
         dataset_text_field="text",
         completion_only_loss=recipe.data.train_on_responses_only or None,
+        dataset_kwargs={"skip_prepare_dataset": True},
     )
 
 

@@ -35,7 +35,7 @@ def check_chat_template(recipe: Recipe, model_name: str) -> None:
                 f"use the instruction-tuned model (its name usually ends in -Instruct or -it)"
             )
         return
-    if not recipe.format.chat:
+    if not recipe.chats:
         return
     name = recipe.data.chat_template
     if name is not None:
@@ -49,7 +49,8 @@ def check_chat_template(recipe: Recipe, model_name: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise BadInput(
             f"the tokenizer of {recipe.model.name} has no chat template, which data.format "
-            f"{recipe.data.format} needs; set data.chat_template (e.g. chatml, llama-3.1, qwen3)"
+            f"{' and '.join(f.name for f in recipe.formats if f.chat)} needs; set data.chat_template "
+            f"(e.g. chatml, llama-3.1, qwen3)"
         )
 
 
@@ -134,7 +135,7 @@ def load_vision_on_cpu(recipe: Recipe, model_name: str):
     FastVisionModel raises there): transformers and PEFT, as that backend uses for text, with the
     LoRA targets Unsloth's own get_peft_regex chooses on a GPU."""
     m, t = recipe.model, recipe.training
-    refuse_quantized_images_on_cpu(recipe.data.format, m.load_in, gpu=False)  # the launcher refused it already
+    refuse_quantized_images_on_cpu(recipe.vision, m.load_in, gpu=False)  # the launcher refused it already
     dtype = torch.float32 if m.dtype == "auto" else getattr(torch, m.dtype)
     model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=dtype, trust_remote_code=m.trust_remote_code)
     processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=m.trust_remote_code)

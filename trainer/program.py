@@ -7,8 +7,10 @@ It reads top to bottom in phases:
   prepare   the recipe, this process's place in the launch (refusing the trap), the output
             folder and the checkpoint to resume from; a bad recipe exits 2 before anything
             loads (trainer/__main__.py, before the stack is imported)
-  data      every row checked and shaped for the method, evaluation rows held out (trainer/data.py)
-  load      the model with the placement the mode needs, and LoRA (trainer/models.py)
+  data      every row checked and shaped for the method, the sources mixed, evaluation rows held out
+            (trainer/data.py); once per machine, kept in the cache volume (trainer/prepare.py)
+  load      the model with the placement the mode needs, and LoRA (trainer/models.py); then the
+            rows SFTTrainer tokenizes are tokenized, once per machine and kept as well
   trainer   the method's TRL trainer (trainer/methods.py), progress and preemption callbacks
   train     resuming from the newest checkpoint, evaluating at the start, every eval_steps and at
             the end; SIGTERM stops every rank at one step
@@ -36,7 +38,7 @@ from accelerate.utils import gather_object
 
 from recipes import atomic, exports
 from recipes.modes import SPECS
-from trainer import checkpoints, data, export, models, preemption, progress, random_model, save
+from trainer import checkpoints, export, models, preemption, prepare, progress, random_model, save
 from trainer.methods import generation_used, make_trainer
 
 if TYPE_CHECKING:  # the entry module (python -m trainer) makes the Job; importing it would run it again
@@ -99,17 +101,21 @@ def train(job: Job, trainer, record, stopper, evaluating: bool):
 # ---- save, metrics
 
 
-def save_and_measure(job: Job, trainer, tokenizer, record, loaded: dict[str, Any]) -> dict[str, Any]:
+def save_and_measure(
+    job: Job, trainer, tokenizer, record, loaded: dict[str, Any], data_record: prepare.Record
+) -> dict[str, Any]:
     """Every rank: gather what the metrics need, save from the main process; -> the measurements.
     `loaded`: this rank's figures once its model was loaded, before training."""
     full = job.recipe.model.full_finetuning
     measured = {
+        "data": gather_object([data_record.as_json(job.local_rank)]),
         "trainable_elements_per_rank": record.held,
         "peak_memory_gib": gather_object([progress.peak_memory_gib()]),
         "peak_host_memory_gib": gather_object([progress.peak_host_memory_gib()]),
         **{key: gather_object([value]) for key, value in loaded.items()},
         # Counted in the collator; GRPO's batches are raw prompts, so there TRL's own count serves.
         "tokens": sum(gather_object([record.counter.tokens])) or record.logged_tokens,
+        "real_tokens": sum(gather_object([record.counter.real_tokens])),
         "saved": str(job.run.weights),
     }
     # Under fsdp every rank enters while the shards are gathered to rank 0 (for an adapter, only
@@ -149,10 +155,12 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
         "train_runtime_s": round(runtime, 3),
         "tokens": measured["tokens"],
         "tokens_per_second": round(measured["tokens"] / runtime, 1) if runtime else None,
+        "real_tokens": measured["real_tokens"],
         **{
             k: steady[k]
             for k in (
                 "steady_tokens_per_second",
+                "steady_real_tokens_per_second",
                 "step_time_s",
                 "time_to_first_step_s",
                 "steps_measured",
@@ -161,6 +169,10 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
             )
         },
         "wall_time_s": round(wall, 3),
+        # This process's data phase: checked, shaped, tokenized (or reused, or read where local rank 0
+        # put them); each rank's in data_per_rank.
+        "data_prepare_s": measured["data"][0]["seconds"],
+        "data_per_rank": measured["data"],
         "peak_memory_gib": measured["peak_memory_gib"],
         "peak_host_memory_gib": measured["peak_host_memory_gib"],
         "peak_memory_at_load_gib": measured["peak_memory_at_load_gib"],
@@ -211,15 +223,28 @@ def close(trainer) -> None:
 # ---- the program
 
 
-def run(job: Job, cuda: bool) -> int:
-    # Data before the model: a bad row must stop the run before minutes of model loading.
-    dataset, eval_dataset = data.build(job.recipe.data, job.recipe.training.seed)
-    model_name = random_model.model_for(job.run, dataset)
+def data_and_model(job: Job, cuda: bool):
+    """-> (model, tokenizer, training rows, evaluation rows, the data phase's record). Data before the
+    model: a bad row must stop the run before minutes of model loading; the rows SFTTrainer would
+    tokenize are tokenized once the model's tokenizer is loaded (Unsloth's, as training uses it)."""
+    handoff = prepare.Handoff(job.world_size, job.local_rank)
+    record = prepare.Record()
+    shaped = record.stages["shaped"] = prepare.shaped(job.recipe, handoff)
+    model_name = random_model.model_for(job.run, shaped.train)
     models.check_chat_template(job.recipe, model_name)
     spec = SPECS[job.mode]
     if spec.sharded_load:
         before_a_sharded_load(job, cuda)
     model, tokenizer = models.load(job.recipe, model_name, spec.device_map(cuda, job.local_rank), spec.sharded_load)
+    rows = shaped
+    if prepare.tokenizes(job.recipe):
+        rows = record.stages["tokenized"] = prepare.tokenized(job.recipe, shaped, tokenizer, handoff)
+    print(f"data: local rank {job.local_rank}: {record.summary()}", flush=True)
+    return model, tokenizer, rows.train, rows.eval, record
+
+
+def run(job: Job, cuda: bool) -> int:
+    model, tokenizer, dataset, eval_dataset, data_record = data_and_model(job, cuda)
     trainer, record, stopper = build_trainer(job, model, tokenizer, dataset, eval_dataset)
     # The model loaded and placed (sharded under fsdp, in Trainer.__init__), before the first step.
     loaded = {
@@ -232,7 +257,7 @@ def run(job: Job, cuda: bool) -> int:
         status = preempted(job, trainer, record, stopper.stopped_at)
         close(trainer)
         return status
-    measured = save_and_measure(job, trainer, tokenizer, record, loaded)
+    measured = save_and_measure(job, trainer, tokenizer, record, loaded, data_record)
     main_process = trainer.accelerator.is_main_process
     close(trainer)  # the other ranks are done; exports need no collective
     if main_process:

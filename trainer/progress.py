@@ -43,16 +43,20 @@ class CountingCollator:
 
     def __init__(self, collator) -> None:
         self.collator = collator
-        self.tokens = 0
+        self.tokens = 0  # every position of the batches, padding included
+        self.real_tokens = 0  # the positions that hold a token of a row: without padding
 
     def __call__(self, features):
         batch = self.collator(features)
         # A mapping (a dict, or a processor's BatchFeature); GRPO's batches are the raw rows: its
         # trainer tokenizes as it generates.
         if isinstance(batch, Mapping):
-            self.tokens += sum(
-                int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and hasattr(v, "numel")
-            )
+            ids = [v for k, v in batch.items() if k.endswith("input_ids") and hasattr(v, "numel")]
+            self.tokens += sum(int(v.numel()) for v in ids)
+            # A padded batch marks its rows' tokens in attention_mask; a padding-free or packed one has no
+            # padding (it carries position_ids instead).
+            mask = batch.get("attention_mask")
+            self.real_tokens += int(mask.sum()) if hasattr(mask, "sum") else sum(int(v.numel()) for v in ids)
         return batch
 
 
@@ -76,6 +80,7 @@ class Recorder(TrainerCallback):
         self.logged_tokens = 0
         self.first_step_at: float | None = None
         self.step_ends: list[tuple[float, int]] = []
+        self.real_step_tokens: list[int] = []  # the tokens without padding, after each step
         self.counter: CountingCollator | None = None
         self.held: list[int] = []  # trainable elements per rank, set by the program after training
 
@@ -86,6 +91,7 @@ class Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         tokens = self.counter.tokens * self.world_size if self.counter is not None else 0
         self.step_ends.append((time.time(), tokens))
+        self.real_step_tokens.append(self.counter.real_tokens * self.world_size if self.counter is not None else 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -105,11 +111,14 @@ class Recorder(TrainerCallback):
         steady = ends[skip:]
         elapsed = steady[-1][0] - origin[0] if steady else 0.0
         tokens = steady[-1][1] - origin[1] if steady else 0
+        real = self.real_step_tokens[-1] - (self.real_step_tokens[skip - 1] if skip else 0) if steady else 0
         pairs = list(zip([origin, *steady[:-1]], steady, strict=True))
         times = [b[0] - a[0] for a, b in pairs]
         return {
             "steps_measured": len(steady),
             "steady_tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
+            # The same steps' tokens without padding: what a padded batch spends on its rows.
+            "steady_real_tokens_per_second": round(real / elapsed, 1) if elapsed > 0 else None,
             "step_time_s": round(statistics.median(times), 4) if times else None,
             # Each steady step on its own, so a benchmark can give the spread, not just the mean.
             "step_times_s": [round(t, 4) for t in times],
