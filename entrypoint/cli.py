@@ -171,6 +171,8 @@ def print_plan(plan: Plan) -> None:
     where = f"GPUs {','.join(plan.gpu_ids)}" if plan.gpu_ids else "CPU"
     print(f"processes   {plan.num_processes} on {where}; device_map {json.dumps(plan.device_map)}")
     print(f"precision   {plan.mixed_precision}")
+    if plan.resume is not None:
+        print(f"resume      {plan.resume['summary']}")
     if plan.generation is not None:
         print(f"generation  {plan.generation} (training.grpo.generation){generation_memory(plan)}")
     for line in memory_lines(plan.mode, plan.memory):

@@ -8,6 +8,7 @@ read here, then handed to the pure planner (entrypoint/plan.py) as data.
 | llama.cpp (for GGUF exports)  | $UNSLOTH_LLAMA_CPP_PATH or ~/.unsloth/llama.cpp               |
 | memory available (merging)    | /proc/meminfo                                                |
 | vLLM (GRPO's generation)      | whether the package is installed (not imported)              |
+| the checkpoint to resume      | the run folder's newest whole checkpoint and its checkpoint.json |
 | the working directory, Python | the process                                                  |
 The variables of the environment contract are read by entrypoint/environment.py (a Request).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from entrypoint import gpus as gpu_inventory
 from entrypoint import hub
 from entrypoint.gpus import Gpu
-from recipes import exports
+from recipes import exports, runs
 from recipes.schema import Recipe
 
 
@@ -40,6 +41,7 @@ class Host:
     vllm_installed: bool = False  # GRPO generates with vLLM where it is (found, not imported)
     note: str | None = None  # something the user should know (the hub was not reachable, ...)
     tokenizer: hub.TokenizerFiles | None = None  # the model's tokenizer, where it is on this machine
+    resume: tuple[Path, dict] | None = None  # the whole checkpoint a run resumes from, and its checkpoint.json
 
 
 def gather(
@@ -75,7 +77,18 @@ def gather(
         vllm_installed=importlib.util.find_spec("vllm") is not None,
         note=note,
         tokenizer=tokenizer_files(recipe, environ),
+        resume=resume_facts(recipe, environ, cwd),
     )
+
+
+def resume_facts(recipe: Recipe, environ: Mapping[str, str], cwd: str) -> tuple[Path, dict] | None:
+    """The whole checkpoint a run of the recipe would resume from, and what it records of the launch
+    that wrote it (recipes/runs.py); None when it starts fresh."""
+    if not recipe.output.resume:
+        return None
+    checkpoint = runs.newest_checkpoint(runs.folder_of(recipe, environ.get("OUTPUTS_DIR"), cwd) / runs.CHECKPOINTS)
+    facts = runs.whole(checkpoint) if checkpoint is not None else None
+    return (checkpoint, facts) if checkpoint is not None and facts is not None else None
 
 
 def tokenizer_files(recipe: Recipe, environ: Mapping[str, str]) -> hub.TokenizerFiles | None:

@@ -21,7 +21,7 @@ from entrypoint.decide import decide
 from entrypoint.environment import Cluster, Request
 from entrypoint.gpus import Gpu
 from entrypoint.host import Host
-from recipes import methods
+from recipes import methods, runs
 from recipes.catalog import LoadedRecipe, to_yaml
 from recipes.modes import SPECS, Mode
 from recipes.runs import folder_of, launch_dir
@@ -59,6 +59,7 @@ class Plan:
     generation: str | None = None  # grpo: what generates the completions (vllm, transformers, continuous_batching)
     paged_cache: dict[str, int] | None = None  # continuous batching: its KV cache's blocks, as the trainer sizes it
     writes_output: bool = True  # holds the run folder's lock while it runs (generate only reads)
+    resume: dict[str, Any] | None = None  # what resuming the newest whole checkpoint does (recipes/runs.py)
     data: list[dict[str, Any]] = field(default_factory=list)  # what the data is (entrypoint/datareport.py)
 
     def as_json(self) -> dict[str, Any]:
@@ -138,6 +139,8 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     decision = decide(request, loaded, host.gpus, est)
     mode, chosen, processes = decision.mode, decision.gpus, decision.processes
     refusals.check(request, recipe, host, mode, gpus=len(chosen))
+    resume = runs.resume_on(*host.resume, mode, processes, recipe) if host.resume else None
+    recipe = resume.applied(recipe) if resume else recipe
     recipe, generation = resolve_generation(recipe, bool(chosen), host.vllm_installed)
     paged = asdict(methods.paged_cache(recipe)) if generation == "continuous_batching" else None
     one_gpu = chosen[0].memory_gib if chosen else None
@@ -179,11 +182,14 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
         env_unset=list(request.consumed),
         memory=est.as_dict() | per_gpu_figures(est, recipe, mode, processes, chosen, cluster.nnodes),
         disk_gib=disk_needed_gib(est, loaded),
-        warnings=memory_warnings(est, mode, chosen, per_gpu) + merge_warnings(recipe, est, host.ram_available_gib),
+        warnings=memory_warnings(est, mode, chosen, per_gpu)
+        + merge_warnings(recipe, est, host.ram_available_gib)
+        + ([] if resume is None or resume.exact else [f"resuming {resume.describe()}"]),
         files=files,
         generation=generation,
         paged_cache=paged,
         data=[r.as_json() for r in datareport.report(recipe, loaded.samples, host.tokenizer)],
+        resume=resume.as_json() if resume else None,
     )
     files[str(launch / "plan.json")] = json.dumps(plan.as_json(), indent=2) + "\n"
     return plan

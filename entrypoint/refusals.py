@@ -7,7 +7,8 @@ once the mode is known:
   format_or_method_in_mode  a data format or a method that cannot train in the chosen mode
   images_for_a_text_model   data.format vision on a model whose config.json has no vision tower
   quantized_images_on_cpu   an image-text model loaded in 4 or 8 bits on the CPU
-  generation_unavailable    training.grpo.generation names what cannot run here
+  generation_unavailable    training.grpo.generation names what cannot run here (vLLM; continuous
+                            batching on GPUs)
   paged_cache_across_gpus   continuous batching with the model split over several GPUs
 
 Each is a BadInput naming the value and the fix. The training program, which can be started by
@@ -36,7 +37,7 @@ def check(request: Request, recipe: Recipe, host: Host, mode: Mode, gpus: int) -
     images_for_a_text_model(recipe, host.model_config, host.model_config_source)
     refuse_quantized_images_on_cpu(recipe.vision, recipe.model.load_in, gpus > 0)
     generation_unavailable(recipe, gpus > 0, host.vllm_installed)
-    paged_cache_across_gpus(recipe, mode, gpus)
+    continuous_batching_on_gpus(recipe, gpus)
 
 
 def gguf_without_llama_cpp(recipe: Recipe, host: Host) -> None:
@@ -80,16 +81,16 @@ def generation_unavailable(recipe: Recipe, gpu: bool, vllm: bool) -> None:
         )
 
 
-def paged_cache_across_gpus(recipe: Recipe, mode: Mode, gpus: int) -> None:
-    """transformers' continuous batching allocates every layer's paged KV cache on the model's first device
-    (PagedAttentionCache(device=model.device), transformers 5.17), where the layers on the other GPUs of a split
-    model cannot read it."""
+def continuous_batching_on_gpus(recipe: Recipe, gpus: int) -> None:
+    """Measured on an H200 (docs/benchmarks/grpo-h200.md): with Unsloth's patched model, transformers'
+    continuous batching (5.17) fails at its first generation. Its engine asks for the logits of the
+    positions it samples as a tensor `logits_to_keep`, which Unsloth's fast forward ignores
+    (unsloth/models/llama.py: every position's logits come back), and the model TRL casts to bf16
+    for it meets float32 inputs. On the CPU it runs (stock transformers there)."""
     grpo = recipe.training.grpo
-    if grpo is None or grpo.generation != "continuous_batching":
-        return
-    if modes.SPECS[mode].placement == "balanced" and gpus > 1:
+    if grpo is not None and grpo.generation == "continuous_batching" and gpus > 0:
         raise BadInput(
-            f"training.grpo.generation=continuous_batching under PARALLELISM={mode} over {gpus} GPUs: continuous "
-            f"batching keeps the whole KV cache on the first GPU, which the layers on the others cannot read; set "
-            f"training.grpo.generation=transformers, or NUM_GPUS=1 if the model fits one GPU"
+            "training.grpo.generation=continuous_batching does not run on GPUs with Unsloth's model yet (measured: "
+            "transformers' continuous batching fails at its first generation there, see docs/benchmarks/grpo-h200.md); "
+            "set training.grpo.generation=transformers (Unsloth's fast generate), the measured default"
         )

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from recipes import atomic
 from recipes.errors import BadInput
+from recipes.modes import SPECS
 from recipes.schema import Recipe
 
 DEFAULT_OUTPUTS_DIR = "outputs"  # OUTPUTS_DIR's default: runs go to ./outputs/<recipe name>
@@ -126,12 +127,8 @@ class Run:
         """The checkpoint a new run of the recipe starts from (none with output.resume off); BadInput
         when it is already at or past max_steps, rather than silently training nothing."""
         newest = self.checkpoint if self.recipe.output.resume else None
-        max_steps = self.recipe.training.max_steps
-        if newest is not None and max_steps > 0 and (checkpoint_step(newest) or 0) >= max_steps:
-            raise BadInput(
-                f"{newest} is already at or past training.max_steps={max_steps}: nothing left to train. "
-                f"Raise training.max_steps, set output.resume=false to start fresh, or use another output.dir"
-            )
+        if newest is not None:
+            refuse_finished(newest, self.recipe.training.max_steps)
         return newest
 
     @property
@@ -226,6 +223,14 @@ def keep_newest(folder: Path, keep: int) -> list[Path]:
     return removed
 
 
+def refuse_finished(checkpoint: Path, max_steps: int) -> None:
+    if max_steps > 0 and (checkpoint_step(checkpoint) or 0) >= max_steps:
+        raise BadInput(
+            f"{checkpoint} is already at or past training.max_steps={max_steps}: nothing left to train. "
+            f"Raise training.max_steps, set output.resume=false to start fresh, or use another output.dir"
+        )
+
+
 @dataclass(frozen=True)
 class Resume:
     """What resuming a checkpoint on this launch does: the batch it keeps, or the nearest it can."""
@@ -254,23 +259,30 @@ class Resume:
         )
         return f"from {self.checkpoint.name} (step {self.step}): {shape}, {kept}"
 
+    def applied(self, recipe: Recipe) -> Recipe:
+        """The recipe with the rows per process and the gradient accumulation this resume trains with."""
+        training = recipe.training.model_copy(
+            update={
+                "per_device_batch_size": self.now["per_device_batch_size"],
+                "gradient_accumulation_steps": self.now["gradient_accumulation_steps"],
+            }
+        )
+        return recipe.model_copy(update={"training": training})
 
-def resume_on(
-    checkpoint: Path,
-    facts: dict[str, Any],
-    mode: str,
-    sharded: bool,
-    world_size: int,
-    per_device: int,
-    accumulation: int,
-) -> Resume:
+    def as_json(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "step": self.step, "was": self.was, "now": self.now,
+                "exact": self.exact, "summary": self.describe()}  # fmt: skip
+
+
+def resume_on(checkpoint: Path, facts: dict[str, Any], mode: str, world_size: int, recipe: Recipe) -> Resume:
     """How a run of `world_size` processes resumes a whole checkpoint written by another shape of
     launch: the same global batch where it can be (gradient accumulation recomputed, and the rows
     per process lowered where that alone makes it exact), else the nearest; BadInput where the
     checkpoint cannot be read back in this mode (a sharded run's optimizer state is keyed by
     parameter name, an unsharded run's by position)."""
-    was_sharded = facts.get("mode") == "fsdp"
-    if was_sharded != sharded:
+    refuse_finished(checkpoint, recipe.training.max_steps)
+    was_sharded = SPECS[facts.get("mode", "single")].memory == "sharded"
+    if was_sharded != (SPECS[mode].memory == "sharded"):
         raise BadInput(
             f"{checkpoint} was written under PARALLELISM={facts.get('mode')}, and this run is {mode}: its optimizer "
             f"state is saved {'sharded' if was_sharded else 'whole'}, which {mode} cannot read back; resume it "
@@ -279,7 +291,8 @@ def resume_on(
         )
     keys = ("world_size", "per_device_batch_size", "gradient_accumulation_steps", "global_batch_size")
     was = {key: int(facts.get(key, 0)) for key in keys}
-    goal = was["global_batch_size"] or per_device * accumulation * world_size
+    per_device = recipe.training.per_device_batch_size
+    goal = was["global_batch_size"] or per_device * recipe.training.gradient_accumulation_steps * world_size
     now_batch, now_accumulation = per_device, max(1, round(goal / (per_device * world_size)))
     for rows in range(per_device, 0, -1):  # fewer rows per process only where that keeps it exact
         if goal % (rows * world_size) == 0:

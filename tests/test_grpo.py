@@ -178,7 +178,7 @@ def test_an_unknown_generation_is_refused_naming_the_ones_there_are():
 
 
 def test_the_plan_sizes_the_paged_cache_for_every_completion_of_a_step_and_launches_with_it():
-    p = plan_for({}, continuous(), gpus.assumed("1x80"))
+    p = plan_for({"ALLOW_CPU": "1"}, continuous(), [])
     assert p.generation == "continuous_batching"
     # 8 completions a step of up to max_seq_length 1024 tokens each, in blocks of 256 tokens.
     assert p.paged_cache == {"block_size": 256, "num_blocks": 32, "max_batch_tokens": 1024}
@@ -187,8 +187,8 @@ def test_the_plan_sizes_the_paged_cache_for_every_completion_of_a_step_and_launc
 
 
 def test_plan_prints_the_generation_and_the_memory_it_holds(tmp_path):
-    args = ("plan", "qwen3-4b-grpo-gsm8k", "training.grpo.generation=continuous_batching", "--assume-gpus", "1x80")
-    done = run_cli(*args, cwd=tmp_path)
+    args = ("plan", "qwen3-4b-grpo-gsm8k", "training.grpo.generation=continuous_batching")
+    done = run_cli(*args, cwd=tmp_path, env=clean_env(ALLOW_CPU="1"))
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("generation"))
     assert line.startswith("generation  continuous_batching (training.grpo.generation); ~")
@@ -207,6 +207,7 @@ def test_the_estimate_holds_what_each_generation_allocates(generation):
     assert est.generation_gib == round(held / memory.GIB, 2)
 
 
-def test_continuous_batching_over_a_model_split_across_gpus_is_refused():
-    with pytest.raises(BadInput, match="continuous batching keeps the whole KV cache on the first GPU"):
-        plan_for({"PARALLELISM": "model", "NUM_GPUS": "2"}, continuous(), gpus.assumed("2x80"))
+@pytest.mark.parametrize(("env", "inventory"), [({}, "1x80"), ({"PARALLELISM": "model", "NUM_GPUS": "2"}, "2x80")])
+def test_continuous_batching_is_refused_on_gpus_where_it_was_measured_to_fail(env, inventory):
+    with pytest.raises(BadInput, match="does not run on GPUs with Unsloth's model yet .*generation=transformers"):
+        plan_for(env, continuous(), gpus.assumed(inventory))

@@ -15,9 +15,8 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from recipes import catalog, exports, lifetime, modes
+from recipes import catalog, exports, lifetime, modes, runs
 from recipes.errors import EXIT_BAD_INPUT, BadInput
 from recipes.modes import FSDP_SWITCH, SPECS, TRAP_EXPLAINED, Mode
 from recipes.runs import Run, folder_of
@@ -44,7 +43,7 @@ class Job:
     precision: str
     world_size: int
     local_rank: int
-    resume: Path | None  # the checkpoint to resume from
+    resume: runs.Resume | None  # the checkpoint to resume from, and the batch it trains with
     started: float = field(default_factory=time.time)  # this process
     # The launcher's start, which time-to-first-step counts from (this process's when started by hand).
     launched: float = field(default_factory=lambda: float(os.environ.get("ENTRYPOINT_STARTED_AT", time.time())))
@@ -86,7 +85,14 @@ def prepare(argv: list[str] | None) -> Job:
     run = Run(folder_of(recipe, os.environ.get("OUTPUTS_DIR"), os.getcwd()).resolve(), recipe)
     run.folder.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.tensorboard))
-    return Job(run, args.mode, args.mixed_precision, world_size, local_rank, run.resume_point())
+    # A checkpoint written by another number of processes resumes with its global batch (the launcher's
+    # plan already says so and wrote it into the recipe; started by hand, the same rule applies here).
+    checkpoint = run.resume_point()
+    facts = runs.whole(checkpoint) if checkpoint is not None else None
+    resume = runs.resume_on(checkpoint, facts, args.mode, world_size, recipe) if checkpoint and facts else None
+    if resume is not None:
+        run = Run(run.folder, resume.applied(recipe))
+    return Job(run, args.mode, args.mixed_precision, world_size, local_rank, resume)
 
 
 def import_stack(job: Job) -> bool:

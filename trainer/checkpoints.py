@@ -10,13 +10,21 @@ still being written; here older whole checkpoints go only once a newer one is wh
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.distributed as dist
+import transformers
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import safe_globals, set_rng_state_for_device
 
 from recipes import runs
 from recipes.errors import BadInput
 from recipes.runs import Run
+
+NEW_RANK_STRIDE = 1_000_003  # a prime: the seeds of new ranks never meet another's
 
 
 class WholeCheckpoints(TrainerCallback):
@@ -61,6 +69,32 @@ def resuming_fails_clearly(trainer, checkpoint) -> None:
                 ) from None
 
         setattr(trainer, name, load)
+
+
+def every_rank_keeps_or_gets_its_rng(trainer, checkpoint, seed: int) -> None:
+    """transformers restores a rank's random state only from a file named for the launch it resumes
+    in (rng_state.pth alone, rng_state_<rank>.pth under several processes). Resumed on another number
+    of processes, each rank that existed keeps its own state (rank 0 also from rng_state.pth), and a
+    rank that did not gets a seed of the recipe's seed, its rank and the step, never another's."""
+    step = runs.checkpoint_step(Path(checkpoint)) or 0
+
+    def load(_checkpoint) -> None:
+        rank = trainer.args.process_index
+        names = [f"rng_state_{rank}.pth", *(["rng_state.pth"] if rank == 0 else [])]
+        found = next((Path(checkpoint) / n for n in names if (Path(checkpoint) / n).is_file()), None)
+        if found is None:
+            transformers.set_seed(seed + NEW_RANK_STRIDE * rank + step)
+            return
+        with safe_globals():  # numpy's state, as transformers allows it
+            state = torch.load(found, weights_only=True)
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.random.set_rng_state(state["cpu"])
+        if torch.cuda.is_available() and "cuda" in state:
+            distributed = trainer.args.parallel_mode == transformers.training_args.ParallelMode.DISTRIBUTED
+            set_rng_state_for_device("CUDA", torch.cuda, state, distributed)
+
+    trainer._load_rng_state = load
 
 
 def resumable_on_cpu_ddp(trainer) -> None:

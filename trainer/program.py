@@ -78,7 +78,8 @@ def build_trainer(job: Job, model, tokenizer, dataset, eval_dataset):
     stopper.install()
     checkpoints.resumable_on_cpu_ddp(trainer)
     if job.resume:
-        checkpoints.resuming_fails_clearly(trainer, job.resume)
+        checkpoints.resuming_fails_clearly(trainer, job.resume.checkpoint)
+        checkpoints.every_rank_keeps_or_gets_its_rng(trainer, job.resume.checkpoint, job.recipe.training.seed)
     return trainer, record, stopper
 
 
@@ -87,8 +88,8 @@ def train(job: Job, trainer, record, stopper, evaluating: bool):
     where a resumed run starts) and every eval_steps; here, last (unless the last step just did).
     Every rank calls evaluate: under ddp each evaluates its share."""
     if job.resume and trainer.accelerator.is_main_process:
-        print(f"resuming from {job.resume} (output.resume=false starts fresh)", flush=True)
-    result = trainer.train(resume_from_checkpoint=str(job.resume) if job.resume else None)
+        print(f"resuming {job.resume.describe()} (output.resume=false starts fresh)", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(job.resume.checkpoint) if job.resume else None)
     # What each rank holds while it trains: all of it under ddp, its shard under fsdp.
     record.held = gather_object([save.local_elements(trainer.model)])
     stopped = stopper.stopped_at is not None
@@ -180,7 +181,11 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
         "time_to_model_loaded_s": max(measured["time_to_model_loaded_s"]),
         "trainable_elements_per_rank": measured["trainable_elements_per_rank"],
         "trainable_fingerprints": measured["trainable_fingerprints"],
-        "resumed_from": str(job.resume) if job.resume else None,
+        "resumed_from": str(job.resume.checkpoint) if job.resume else None,
+        "global_batch_size": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "saved": measured["saved"],
         "exported": measured["exported"],
         "versions": {name: module.__version__ for name, module in VERSIONS.items()},
