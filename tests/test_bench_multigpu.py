@@ -106,3 +106,11 @@ def test_the_big_model_builder_writes_shards_transformers_loads_whole(tmp_path):
     assert weights["model.layers.5.mlp.down_proj.weight"].dtype == torch.bfloat16
     assert 0.015 < float(weights["model.layers.5.mlp.down_proj.weight"].float().std()) < 0.025
     assert torch.equal(weights["model.norm.weight"], torch.ones(32, dtype=torch.bfloat16))
+
+
+def test_the_big_schedule_runs_a_model_no_gpu_holds_sharded_then_split_on_the_same_gpus():
+    waves = multigpu.parse_schedule(multigpu.big_schedule(4, tiny=False))
+    tokens = [[job.token for lane in wave for job in lane] for wave in waves]
+    assert tokens == [["70b-16bit-fsdp4"], ["70b-16bit-model4"], ["8b-full-single"], ["8b-full-fsdp4"]]
+    tiny = [job.token for wave in multigpu.parse_schedule(multigpu.big_schedule(0, tiny=True)) for job in wave[0]]
+    assert tiny == ["tiny-16bit-fsdp2", "tiny-16bit-model2", "tiny-full-single", "tiny-full-fsdp2"]
