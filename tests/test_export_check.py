@@ -36,7 +36,7 @@ def test_the_check_scores_the_evaluation_rows_the_run_held_out_of_training(prepa
     _, held_out_of_training = data.build(recipe.data, SMOKE.training.seed)
     rows, origin = prepared.held_out(recipe, 24)
     assert rows == list(held_out_of_training) and len(rows) == 9
-    assert origin == "the run's evaluation rows"
+    assert origin == "the run's evaluation rows (data.eval_fraction 0.1)"
 
 
 def test_without_evaluation_rows_the_check_scores_a_seeded_sample_of_the_training_rows_and_says_so(prepared):

@@ -260,7 +260,9 @@ def held_out(recipe: Recipe, count: int) -> tuple[list, str]:
     rows = shaped(recipe, Handoff(1, 0))
     seed = recipe.training.seed
     if rows.eval is not None:
-        sample, origin = rows.eval, "the run's evaluation rows"
+        fraction = recipe.data.eval_fraction
+        how = f"data.eval_fraction {fraction}" if fraction is not None else "the sources' eval_split"
+        sample, origin = rows.eval, f"the run's evaluation rows ({how})"
     else:
         sample = rows.train.shuffle(seed=seed)
         origin = f"a seeded sample of the training rows (seed {seed}): the run has no evaluation rows"
