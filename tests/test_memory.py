@@ -99,3 +99,22 @@ def test_the_estimate_is_within_20_percent_of_the_peaks_measured_on_an_h100():
         allocated = est.total_gib - memory.CUDA_OVERHEAD_GIB  # torch's peak leaves the context out
         measured = max(run["peak_memory_gib"].values())
         assert abs(allocated / measured - 1) <= 0.2, (run["size"], run["load"], allocated, measured)
+
+
+def test_the_fsdp_estimate_is_within_20_percent_of_the_peaks_measured_under_fsdp_on_h200s():
+    # Training peaks of bench/multigpu.py's fsdp runs (2 and 4 H200s); the estimate is recomputed here.
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from memory_accuracy import bench_recipe
+
+    runs = json.loads((ROOT / "docs" / "benchmarks" / "multigpu-h200.json").read_text())["runs"]
+    sharded = [r for r in runs if r.get("kind") == "train" and r["mode"] == "fsdp" and r["exit_status"] == 0]
+    assert {(r["model"], r["load"], r["num_gpus"]) for r in sharded} >= {("8b", "4bit", 2), ("8b", "4bit", 4)}
+    for run in sharded:
+        est = memory.estimate(bench_recipe(run["model"], run["load"]))
+        n = run["num_gpus"]
+        planned = memory.train_gib(est, "fsdp", n, n, run["gpu_memory_gib"]) - memory.CUDA_OVERHEAD_GIB
+        assert abs(planned / max(run["peak_memory_gib"]) - 1) <= 0.2, (run["job"], planned, run["peak_memory_gib"])
