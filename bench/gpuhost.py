@@ -20,6 +20,22 @@ from pathlib import Path
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def plan(argv: list[str], env: dict[str, str], cwd: Path) -> dict:
+    """`python -m entrypoint plan ARGV --json` with a run's environment: the launcher's plan as a dict, or
+    {"error": its output's tail, "exit_status": ...} where it refused."""
+    done = subprocess.run(
+        [sys.executable, "-m", "entrypoint", "plan", *argv, "--json"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        return {"error": (done.stdout + done.stderr)[-2000:], "exit_status": done.returncode}
+    return json.loads(done.stdout)
+
+
 def tail(path: Path, chars: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]

@@ -177,17 +177,7 @@ class Bench:
         return " ".join([*shown, "python -m entrypoint", *map(shlex.quote, argv)])
 
     def plan(self, argv: list[str], env: dict[str, str]) -> dict:
-        done = subprocess.run(
-            [sys.executable, "-m", "entrypoint", "plan", *argv, "--json"],
-            cwd=self.work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            return {"error": (done.stdout + done.stderr)[-2000:]}
-        return json.loads(done.stdout)
+        return gpuhost.plan(argv, env, self.work)
 
     def launch(self, argv: list[str], env: dict[str, str], log: Path) -> tuple[int | None, float]:
         """(exit status, None if ended at the deadline; seconds). cwd is the work folder for every run: one Unsloth

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gpuhost
 import settings
 import throughput
 from gpuhost import NVLS_OFF, machine, smi, tail
@@ -300,17 +301,7 @@ class Bench:
             return folder, data
 
     def plan(self, recipe: Path, overrides: list[str], env: dict[str, str]) -> dict:
-        done = subprocess.run(
-            [sys.executable, "-m", "entrypoint", "plan", str(recipe), *overrides, "--json"],
-            cwd=self.work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            return {"error": (done.stdout + done.stderr)[-2000:], "exit_status": done.returncode}
-        return json.loads(done.stdout)
+        return gpuhost.plan([str(recipe), *overrides], env, self.work)
 
     def train(self, job: Job, gpu_ids: list[str]) -> dict:
         run_id = self.new_id(job.token, gpu_ids)

@@ -10,10 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, plan_for, run_cli
+from conftest import ROOT, clean_env, plan_for, processes_with, run_cli
 
 from entrypoint import collectives, environment, gpus
 from recipes import catalog
@@ -25,19 +24,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def processes_with(marker: str) -> list[int]:
-    """Processes whose environment holds the marker: what a test's command started and left running."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 # ---- for real, over gloo on the CPU

@@ -16,18 +16,6 @@ from recipes.errors import BadInput
 
 SMOKE = catalog.load("smoke")
 
-BIG_4BIT = """
-model:
-  name: meta-llama/Llama-3.3-70B-Instruct
-  load_in: 4bit
-  max_seq_length: 2048
-data:
-  source: someorg/some-chats
-  format: messages
-training:
-  per_device_batch_size: 1
-"""
-
 FULL_8B = """
 model:
   name: meta-llama/Llama-3.1-8B
@@ -180,10 +168,9 @@ def test_auto_shards_a_lora_model_no_gpu_holds_over_every_gpu_in_use(big_recipe,
     assert "model parallel would hold ~" in p.reason and p.memory["per_gpu_gib"] <= 0.92 * gib
 
 
-def test_auto_keeps_model_parallel_where_only_a_split_fits(tmp_path):
+def test_auto_keeps_model_parallel_where_only_a_split_fits(big_recipe):
     # A 4-bit load cannot be sharded as it loads: every rank would hold all 4-bit weights (~37 GiB) first.
-    recipe = write_recipe(tmp_path, "big-4bit", BIG_4BIT)
-    p = make({}, gpus.assumed("4x24"), loaded=catalog.load(str(recipe)))
+    p = make({}, gpus.assumed("4x24"), loaded=catalog.load(str(big_recipe), ["model.load_in=4bit"]))
     assert p.mode == "model" and "sharded with fsdp it would need ~" in p.reason
 
 
@@ -201,18 +188,17 @@ def test_a_16bit_model_loads_shard_by_shard_under_fsdp(big_recipe):
     assert mem["per_gpu_gib"] == max(mem["load_per_gpu_gib"], mem["train_per_gpu_gib"])
 
 
-def test_a_quantized_load_under_fsdp_counts_the_whole_model_on_every_rank_while_it_loads(tmp_path):
-    recipe = write_recipe(tmp_path, "big-4bit", BIG_4BIT)
-    p = make({"PARALLELISM": "fsdp"}, gpus.assumed("4x80"), loaded=catalog.load(str(recipe)))
+def test_a_quantized_load_under_fsdp_counts_the_whole_model_on_every_rank_while_it_loads(big_recipe):
+    loaded = catalog.load(str(big_recipe), ["model.load_in=4bit"])
+    p = make({"PARALLELISM": "fsdp"}, gpus.assumed("4x80"), loaded=loaded)
     mem = p.memory
     assert mem["load_per_gpu_gib"] == pytest.approx(mem["weights_gib"] + memory.CUDA_OVERHEAD_GIB, abs=0.02)
     assert mem["per_gpu_gib"] == mem["load_per_gpu_gib"] > mem["train_per_gpu_gib"]
 
 
-def test_plan_says_how_fsdp_loads_a_quantized_model(tmp_path):
-    recipe = write_recipe(tmp_path, "big-4bit", BIG_4BIT)
+def test_plan_says_how_fsdp_loads_a_quantized_model(big_recipe, tmp_path):
     env = clean_env(PARALLELISM="fsdp")
-    done = run_cli("plan", str(recipe), "--assume-gpus", "4x80", cwd=tmp_path, env=env)
+    done = run_cli("plan", str(big_recipe), "model.load_in=4bit", "--assume-gpus", "4x80", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert "each rank loads the whole" in done.stdout and "only 16-bit weights load shard by shard" in done.stdout
 

@@ -16,25 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, run_cli
+from conftest import ROOT, clean_env, processes_with, run_cli
 from test_faults import start, wait_until_training
 
 from entrypoint import runlock
 from recipes import runs
 from recipes.errors import BadInput
-
-
-def processes_with(marker: str) -> list[int]:
-    """Every live process whose environment holds the marker: the launcher, accelerate, the ranks."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def wait_for(condition, seconds: float, what: str) -> None:
