@@ -4,9 +4,11 @@ The lock is an exclusive flock on `<output>/.lock` (`.lock-node-N` for machine N
 several: each machine's launcher holds its own). The kernel drops it when every process holding the
 file is gone, so a killed job never leaves it behind on a local disk; the launcher hands the file to
 its child, so a job whose launcher died still holds it until its last process has ended. The file
-says who holds it (host, process, since when) and the holder touches it every HEARTBEAT_S seconds:
-on a shared volume whose locks do not reach across machines, a holder on another machine whose file
-is older than STALE_S is taken to be gone, and TAKE_OVER_LOCK=1 takes a lock over on purpose.
+says who holds it (host, process, since when, and the kernel it ran under) and the holder touches it
+every HEARTBEAT_S seconds. Under one kernel (containers of one machine included) the flock alone
+decides. On a shared volume whose locks do not reach across machines, a holder under another kernel
+whose file was touched within STALE_S is taken to be alive, and TAKE_OVER_LOCK=1 takes its lock
+over on purpose.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ from recipes.runs import lock_file
 
 HEARTBEAT_S = 30
 STALE_S = 120
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # one per running kernel, shared by its containers
+
+
+def kernel() -> str:
+    """This machine's running kernel: containers of one machine share it, and their hostnames differ."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return socket.gethostname()
 
 
 def holder_of(path: Path) -> dict:
@@ -62,13 +73,12 @@ def acquire(folder: Path, node_rank: int, environ: Mapping[str, str]) -> int:
         os.close(fd)
         raise refuse(path, holder_of(path), "a live lock") from None
     holder = holder_of(path)
-    here = socket.gethostname()
     fresh = time.time() - path.stat().st_mtime < STALE_S
-    if holder.get("host") not in (None, here) and fresh and not taking_over:
+    if holder.get("kernel") not in (None, kernel()) and fresh and not taking_over:
         os.close(fd)
         raise refuse(path, holder, f"touched {time.time() - path.stat().st_mtime:.0f} s ago, from another machine")
     since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    mine = json.dumps({"host": here, "pid": os.getpid(), "since": since}) + "\n"
+    mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since, "kernel": kernel()}) + "\n"
     os.ftruncate(fd, 0)
     os.pwrite(fd, mine.encode(), 0)
     return fd

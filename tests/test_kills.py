@@ -148,10 +148,11 @@ def test_an_incomplete_checkpoint_is_set_aside_not_deleted(tmp_path):
     assert (tmp_path / "checkpoints-incomplete" / "checkpoint-3" / "adapter_model.safetensors").read_bytes() == b"half"
 
 
-def hold_from(folder: Path, host: str) -> Path:
+def hold_from(folder: Path, host: str, kernel: str = "another-machines-boot-id") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lock = runs.lock_file(folder)
-    lock.write_text(json.dumps({"host": host, "pid": 4242, "since": "2026-12-01T10:00:00+00:00"}))
+    holder = {"host": host, "pid": 4242, "since": "2026-12-01T10:00:00+00:00", "kernel": kernel}
+    lock.write_text(json.dumps(holder))
     return lock
 
 
@@ -171,6 +172,12 @@ def test_a_lock_another_machine_stopped_touching_is_stale(tmp_path):
     lock = hold_from(tmp_path, "trainer-node-7")
     old = time.time() - runlock.STALE_S - 1
     os.utime(lock, (old, old))
+    os.close(runlock.acquire(tmp_path, 0, {}))
+
+
+def test_a_lock_left_by_another_container_of_this_machine_does_not_block_the_next_run(tmp_path):
+    # Its hostname differs, its kernel does not: the flock alone decides, and the holder is gone.
+    hold_from(tmp_path, "5f1c2d3e4a6b", kernel=runlock.kernel())
     os.close(runlock.acquire(tmp_path, 0, {}))
 
 
