@@ -143,8 +143,8 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
     recipe = resume.applied(recipe) if resume else recipe
     recipe, generation = resolve_generation(recipe, bool(chosen), host.vllm_installed)
     paged = asdict(methods.paged_cache(recipe)) if generation == "continuous_batching" else None
-    one_gpu = chosen[0].memory_gib if chosen else None
-    per_gpu = memory.per_gpu_gib(est, mode, processes, len(chosen), one_gpu)
+    figures = per_gpu_figures(est, recipe, mode, processes, chosen, request.cluster.nnodes)
+    per_gpu = figures["per_gpu_gib"]
     precision = mixed_precision(recipe.model.dtype, chosen)
     out = folder_of(recipe, request.outputs_dir, host.cwd)
     cluster = request.cluster
@@ -180,7 +180,7 @@ def make(request: Request, loaded: LoadedRecipe, host: Host) -> Plan:
         command=command,
         env=child_env(mode, chosen, request.pythonpath),
         env_unset=list(request.consumed),
-        memory=est.as_dict() | per_gpu_figures(est, recipe, mode, processes, chosen, cluster.nnodes),
+        memory=est.as_dict() | figures,
         disk_gib=disk_needed_gib(est, loaded),
         warnings=memory_warnings(est, mode, chosen, per_gpu)
         + merge_warnings(recipe, est, host.ram_available_gib)

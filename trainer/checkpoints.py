@@ -43,13 +43,25 @@ class WholeCheckpoints(TrainerCallback):
                     "world_size": args.world_size,
                     "per_device_batch_size": args.per_device_train_batch_size,
                     "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                    "global_batch_size": args.per_device_train_batch_size
-                    * args.gradient_accumulation_steps
-                    * args.world_size,
+                    "global_batch_size": global_batch_size(args),
                 },
             )
             runs.keep_newest(self.run.checkpoints, self.run.recipe.output.keep_checkpoints)
         return control
+
+
+def global_batch_size(args) -> int:
+    """The rows one optimizer step learns from, over every process (TrainingArguments)."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def resuming(trainer, checkpoint, seed: int) -> None:
+    """What resuming `checkpoint` needs, in this order: each rank's random state (also on another
+    number of processes), CPU ddp's optimizer state, and last the clear failure around all three
+    loads, so that it covers what the first two put in place."""
+    every_rank_keeps_or_gets_its_rng(trainer, checkpoint, seed)
+    resumable_on_cpu_ddp(trainer)
+    resuming_fails_clearly(trainer, checkpoint)
 
 
 def resuming_fails_clearly(trainer, checkpoint) -> None:

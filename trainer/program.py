@@ -76,10 +76,8 @@ def build_trainer(job: Job, model, tokenizer, dataset, eval_dataset):
     stopper = preemption.StopOnSigterm(job.world_size)
     trainer.add_callback(stopper)
     stopper.install()
-    checkpoints.resumable_on_cpu_ddp(trainer)
     if job.resume:
-        checkpoints.resuming_fails_clearly(trainer, job.resume.checkpoint)
-        checkpoints.every_rank_keeps_or_gets_its_rng(trainer, job.resume.checkpoint, job.recipe.training.seed)
+        checkpoints.resuming(trainer, job.resume.checkpoint, job.recipe.training.seed)
     return trainer, record, stopper
 
 
@@ -182,9 +180,7 @@ def write_metrics(job: Job, trainer, result, record, measured: dict[str, Any], c
         "trainable_elements_per_rank": measured["trainable_elements_per_rank"],
         "trainable_fingerprints": measured["trainable_fingerprints"],
         "resumed_from": str(job.resume.checkpoint) if job.resume else None,
-        "global_batch_size": trainer.args.per_device_train_batch_size
-        * trainer.args.gradient_accumulation_steps
-        * trainer.args.world_size,
+        "global_batch_size": checkpoints.global_batch_size(trainer.args),
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "saved": measured["saved"],
         "exported": measured["exported"],
